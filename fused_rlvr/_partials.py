@@ -1,0 +1,46 @@
+"""Online-softmax partial statistics: merge over vocabulary pieces, then turn into per-row results.
+
+A partial for a piece of the vocabulary holds, per row, relative to that piece's max m:
+    m,  S = sum exp(z - m),  Sd = sum exp(z - m)(z - m),  zy (the target logit if in the piece, else 0)
+and optionally  S2 = sum exp(2(z - m)),  S2d = sum exp(2(z - m))(z - m).
+Both the Triton kernels (one partial per vocabulary split) and the chunked torch path (one per chunk)
+produce this layout, stacked as [stats, pieces, N].
+"""
+
+from __future__ import annotations
+
+import torch
+
+STATS_BASIC = 4
+STATS_MOMENTS = 6
+
+
+def reduce_partials(part: torch.Tensor) -> torch.Tensor:
+    """Merge [stats, pieces, N] into [stats, N], rescaled to the overall max."""
+    m = part[0]
+    big_m = m.max(dim=0).values
+    shift = m - big_m
+    w = torch.exp(shift)
+    s = part[1]
+    out = [big_m, (w * s).sum(0), (w * (part[2] + shift * s)).sum(0), part[3].sum(0)]
+    if part.shape[0] == STATS_MOMENTS:
+        w2 = w * w
+        s2 = part[4]
+        out += [(w2 * s2).sum(0), (w2 * (part[5] + shift * s2)).sum(0)]
+    return torch.stack(out)
+
+
+def finalize(part: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-row lse, logprob, entropy (and sum p^2, sum p^2 log p) from merged partials [stats, N]."""
+    m, s, sd, zy = part[0], part[1], part[2], part[3]
+    log_s = torch.log(s)
+    out = {
+        "lse": m + log_s,
+        "logprob": (zy - m) - log_s,
+        "entropy": (log_s - sd / s).clamp_min(0.0),
+    }
+    if part.shape[0] == STATS_MOMENTS:
+        inv_s_sq = 1.0 / (s * s)
+        out["sum_p2"] = part[4] * inv_s_sq
+        out["sum_p2_logp"] = (part[5] - part[4] * log_s) * inv_s_sq
+    return out

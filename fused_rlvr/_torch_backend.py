@@ -1,0 +1,115 @@
+"""Chunked PyTorch path (CPU users, and the fallback): same algorithm as the Triton kernels.
+
+Logits are computed for one block of rows x one chunk of the vocabulary at a time, so the extra memory
+is a few [rows, chunk] fp32 buffers (FUSED_RLVR_TORCH_CHUNK_BYTES each, 8 MiB by default) plus, when the
+hidden states are not fp32, an fp32 d_hidden accumulator; never [N, V].
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fused_rlvr._partials import STATS_BASIC, STATS_MOMENTS, finalize, reduce_partials
+
+MAX_ROWS = 4096
+MIN_CHUNK = 64
+
+
+def _chunk_bytes() -> int:
+    return int(os.environ.get("FUSED_RLVR_TORCH_CHUNK_BYTES", str(8 << 20)))
+
+
+def _blocks(n_rows: int, vocab: int) -> tuple[int, int]:
+    rows = max(1, min(n_rows, MAX_ROWS))
+    chunk = max(MIN_CHUNK, _chunk_bytes() // (4 * rows))
+    return rows, min(vocab, chunk)
+
+
+def _logits(h, weight, bias, v0, v1, params):
+    """fp32 logits of rows h for vocab [v0, v1), and tanh(u / s) when softcapped (for the chain rule)."""
+    # fp32 logits from fp32 operands: only the [chunk, H] slice of the weight is upcast at a time
+    z = torch.nn.functional.linear(
+        h.float(), weight[v0:v1].float(), None if bias is None else bias[v0:v1].float()
+    )
+    t = None
+    if params.softcap is not None:
+        t = z.div_(params.softcap).tanh_()
+        z = t * params.softcap
+    return z.mul_(1.0 / params.temperature), t
+
+
+def forward(hidden, weight, bias, targets, params) -> dict[str, torch.Tensor]:
+    n, vocab = hidden.shape[0], weight.shape[0]
+    rows, chunk = _blocks(n, vocab)
+    n_stats = STATS_MOMENTS if params.moments else STATS_BASIC
+    state = torch.empty((n_stats, n), dtype=torch.float32, device=hidden.device)
+    for v0 in range(0, vocab, chunk):
+        v1 = min(vocab, v0 + chunk)
+        piece = torch.empty_like(state)
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            z, _ = _logits(hidden[r0:r1], weight, bias, v0, v1, params)
+            y = targets[r0:r1] - v0
+            inside = (y >= 0) & (y < v1 - v0)
+            zy = z.gather(1, y.clamp(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1)
+            m = z.max(dim=1).values
+            d = z.sub_(m.unsqueeze(1))
+            e = d.exp()
+            stats = [m, e.sum(1), torch.einsum("ij,ij->i", e, d), torch.where(inside, zy, 0.0)]
+            if params.moments:
+                e2 = e.square_()
+                stats += [e2.sum(1), torch.einsum("ij,ij->i", e2, d)]
+            piece[:, r0:r1] = torch.stack(stats)
+        state = piece if v0 == 0 else reduce_partials(torch.stack([state, piece], dim=1))
+    return finalize(state)
+
+
+def backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy, params, needs):
+    """(d_hidden, d_weight, d_bias) of valid rows; entries are None where `needs` says so."""
+    need_dh, need_dw, need_db = needs
+    n, vocab = hidden.shape[0], weight.shape[0]
+    rows, chunk = _blocks(n, vocab)
+    dh = None
+    if need_dh:
+        dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    dw = torch.empty_like(weight) if need_dw else None
+    db = torch.empty(vocab, dtype=torch.float32, device=hidden.device) if need_db else None
+    for v0 in range(0, vocab, chunk):
+        v1 = min(vocab, v0 + chunk)
+        w_chunk = weight[v0:v1].float()
+        dw_chunk = torch.zeros_like(w_chunk) if need_dw else None
+        db_chunk = torch.zeros(v1 - v0, dtype=torch.float32, device=hidden.device) if need_db else None
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            h = hidden[r0:r1]
+            z, t = _logits(h, weight, bias, v0, v1, params)
+            logp = z.sub_(lse[r0:r1].unsqueeze(1))
+            p = logp.exp()
+            # dz = g_lp (1[v = y] - p) - g_H p (log p + H), built in the logp / p buffers
+            if grad_entropy is not None:
+                coef = logp.add_(entropy[r0:r1].unsqueeze(1)).mul_(grad_entropy[r0:r1].unsqueeze(1))
+                if grad_logprob is not None:
+                    coef.add_(grad_logprob[r0:r1].unsqueeze(1))
+            else:
+                coef = grad_logprob[r0:r1].unsqueeze(1)
+            dz = p.mul_(coef).neg_()
+            if grad_logprob is not None:
+                y = targets[r0:r1] - v0
+                hit = ((y >= 0) & (y < v1 - v0)).nonzero().squeeze(1)
+                dz[hit, y[hit]] += grad_logprob[r0:r1][hit]
+            dz.mul_(1.0 / params.temperature)
+            if t is not None:
+                dz.mul_(1.0 - t.square_())
+            if need_dh:
+                dh[r0:r1].addmm_(dz, w_chunk)
+            if need_dw:
+                dw_chunk.addmm_(dz.T, h.float())
+            if need_db:
+                db_chunk += dz.sum(0)
+        if need_dw:
+            dw[v0:v1] = dw_chunk
+        if need_db:
+            db[v0:v1] = db_chunk
+    return dh, dw, db

@@ -1,0 +1,72 @@
+"""Triton path: the kernels of `kernels/linear_logprob.py` plus the GEMMs that turn logit gradients into
+parameter gradients.
+
+Backward, per vocabulary chunk of width C (configs.BWD_VOCAB_CHUNK): the dlogits kernel recomputes the
+logit tiles and writes du [N, C] in the input dtype; then
+    d_weight[chunk] = du^T h            (one GEMM over all rows, written straight into the output)
+    d_hidden       += du W[chunk]       (fp32 accumulator across chunks, never a bf16 running sum)
+    d_bias[chunk]   = sum_rows du       (fp32)
+Extra memory: N x C staging + the fp32 d_hidden accumulator (N x H) when hidden is not fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fused_rlvr._kernels import kernel_module
+from fused_rlvr._partials import finalize, reduce_partials
+from fused_rlvr.kernels.configs import BWD_VOCAB_CHUNK
+
+INTERPRET_VOCAB_CHUNK = 64  # small under the interpreter so tests cross several chunks
+
+
+def _module(params):
+    return kernel_module("linear_logprob", params.interpret)
+
+
+def forward(hidden, weight, bias, targets, params) -> dict[str, torch.Tensor]:
+    part = _module(params).forward(
+        hidden, weight, bias, targets,
+        inv_temperature=1.0 / params.temperature, softcap=params.softcap,
+        moments=params.moments, interpret=params.interpret,
+    )
+    return finalize(reduce_partials(part))
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b with fp32 accumulation, whatever the dtype of a and b."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy, params, needs):
+    need_dh, need_dw, need_db = needs
+    n, vocab = hidden.shape[0], weight.shape[0]
+    chunk = min(vocab, INTERPRET_VOCAB_CHUNK if params.interpret else BWD_VOCAB_CHUNK)
+    staging = torch.empty((n, chunk), dtype=hidden.dtype, device=hidden.device)
+    dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_dh else None
+    dw = torch.empty_like(weight) if need_dw else None
+    db = torch.empty(vocab, dtype=torch.float32, device=hidden.device) if need_db else None
+    mod = _module(params)
+    for v0 in range(0, vocab, chunk):
+        v1 = min(vocab, v0 + chunk)
+        du = staging[:, : v1 - v0]
+        mod.dlogits(
+            hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy, du, v0,
+            inv_temperature=1.0 / params.temperature, softcap=params.softcap, interpret=params.interpret,
+        )
+        if need_dw:
+            torch.mm(du.T, hidden, out=dw[v0:v1])
+        if need_dh:
+            _accumulate_mm(dh, du, weight[v0:v1])
+        if need_db:
+            db[v0:v1] = du.sum(0, dtype=torch.float32)
+    return dh, dw, db

@@ -1,0 +1,110 @@
+"""Input checks for the public API: each error names the argument, what it got, and what was expected."""
+
+from __future__ import annotations
+
+import math
+import os
+from numbers import Real
+
+import torch
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+BACKENDS = ("auto", "triton", "torch")
+
+_check_targets = os.environ.get("FUSED_RLVR_CHECK_TARGETS", "1") != "0"
+
+
+def set_target_check(enabled: bool) -> None:
+    """Turn the target-range check on or off for this process.
+
+    The check (every target in [0, V) or equal to ignore_index) costs one device->host sync per call. On a
+    hot GPU path whose targets are known to be valid, turn it off with `set_target_check(False)` or by
+    setting FUSED_RLVR_CHECK_TARGETS=0 before import. Unchecked out-of-range targets give a log-prob that
+    ignores the target logit (a wrong value), never a memory error: the kernels clamp every index.
+    """
+    global _check_targets
+    _check_targets = bool(enabled)
+
+
+def target_check_enabled() -> bool:
+    return _check_targets
+
+
+def positive_finite(name: str, value, *, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, Real):
+        expected = "a finite positive number or None" if allow_none else "a finite positive number"
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite positive number, got {value}")
+    return value
+
+
+def one_of(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
+
+
+def check_tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend) -> None:
+    check_tensor("hidden", hidden)
+    check_tensor("weight", weight)
+    check_tensor("targets", targets)
+    if hidden.dim() < 1 or hidden.shape[-1] == 0:
+        raise ValueError(f"hidden must be [..., H] with H >= 1, got shape {tuple(hidden.shape)}")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"hidden must be bfloat16, float16 or float32, got {hidden.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [V, H], got shape {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one vocabulary row, got shape (0, H)")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"hidden width H={hidden.shape[-1]} (shape {tuple(hidden.shape)}) does not match weight "
+            f"[V, H] = {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(
+            f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}; cast one to the other"
+        )
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        check_tensor("bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must be [V] = ({weight.shape[0]},), got shape {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype or bias.device != weight.device:
+            raise TypeError(
+                f"bias must match weight's dtype and device ({weight.dtype}, {weight.device}), "
+                f"got ({bias.dtype}, {bias.device})"
+            )
+    if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
+        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"targets must have the shape of hidden[..., 0] = {tuple(hidden.shape[:-1])}, "
+            f"got {tuple(targets.shape)}"
+        )
+    if targets.device != hidden.device:
+        raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    one_of("backend", backend, BACKENDS)
+    if _check_targets and targets.numel():
+        vocab = weight.shape[0]
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+        if bool(bad.any()):
+            where = bad.nonzero()[0].tolist()
+            raise ValueError(
+                f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
+                f"targets{where} = {int(targets[tuple(where)])}"
+            )

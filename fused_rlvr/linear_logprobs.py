@@ -1,0 +1,200 @@
+"""The fused primitive: per-token log-probs and entropy straight from hidden states and the lm-head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from fused_rlvr import _torch_backend, _triton_backend
+from fused_rlvr._kernels import triton_available
+from fused_rlvr._validation import check_linear_inputs, positive_finite
+from fused_rlvr.types import TokenStats
+
+
+@dataclass(frozen=True)
+class LogprobParams:
+    """Everything the autograd function needs besides tensors; `backend` is already resolved."""
+
+    temperature: float = 1.0
+    softcap: Optional[float] = None
+    ignore_index: int = -100
+    backend: str = "torch"  # "triton" or "torch"
+    interpret: bool = False  # Triton kernels run by the interpreter (CPU tensors)
+    moments: bool = False  # also return sum p^2 and sum p^2 log p (forward only)
+
+
+def resolve_backend(backend: str, device: torch.device) -> tuple[str, bool]:
+    """("triton" | "torch", interpret) for a requested backend and the tensors' device."""
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton":  # a missing triton package is reported when the kernels are first loaded
+        return "triton", device.type != "cuda"
+    return "torch", False
+
+
+def _impl(params: LogprobParams):
+    return _triton_backend if params.backend == "triton" else _torch_backend
+
+
+def _flatten(hidden, targets, ignore_index):
+    """2-D hidden, 1-D targets, the indices of valid rows, and compact copies when some rows are ignored."""
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    y = targets.reshape(-1)
+    rows = (y != ignore_index).nonzero().squeeze(1)
+    if rows.numel() == y.numel():
+        return h2, y.long(), None, h2, y.long()
+    return h2, y, rows, h2.index_select(0, rows), y.index_select(0, rows).long()
+
+
+def _scatter_rows(values: torch.Tensor, rows: Optional[torch.Tensor], n: int) -> torch.Tensor:
+    if rows is None:
+        return values
+    return values.new_zeros(n).index_copy_(0, rows, values)
+
+
+@torch.compiler.disable  # opaque to torch.compile: kernel launches and loops over chunks run eagerly
+def forward_stats(hidden, weight, bias, targets, params: LogprobParams) -> dict[str, torch.Tensor]:
+    """Forward only: dict of fp32 per-token tensors shaped like targets (0 on ignored tokens).
+
+    Keys: logprob, entropy, lse (and sum_p2, sum_p2_logp with params.moments).
+    """
+    h2, y, rows, hv, yv = _flatten(hidden, targets, params.ignore_index)
+    n = y.numel()
+    if yv.numel() == 0:
+        keys = ["logprob", "entropy", "lse"] + (["sum_p2", "sum_p2_logp"] if params.moments else [])
+        return {k: torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device) for k in keys}
+    stats = _impl(params).forward(hv, weight, bias, yv, params)
+    return {k: _scatter_rows(v, rows, n).view(targets.shape) for k, v in stats.items()}
+
+
+class LinearLogprobFunction(torch.autograd.Function):
+    """(hidden, weight, bias, targets, params) -> (logprobs, entropy); see `linear_logprobs`."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, params: LogprobParams):
+        stats = forward_stats(hidden, weight, bias, targets, params)
+        ctx.params = params
+        ctx.save_for_backward(hidden, weight, bias, targets, stats["lse"], stats["entropy"])
+        ctx.set_materialize_grads(False)
+        return stats["logprob"], stats["entropy"]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logprob, grad_entropy):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        needs = (need_h, need_w, bias is not None and need_b)
+        if (grad_logprob is None and grad_entropy is None) or not any(needs):
+            return None, None, None, None, None
+        grads = backward_grads(hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy,
+                               ctx.params, needs)
+        return (*grads, None, None)
+
+
+@torch.compiler.disable
+def backward_grads(hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy,
+                   params: LogprobParams, needs):
+    """(d_hidden, d_weight, d_bias) for upstream grads of the per-token outputs (None where not needed)."""
+    h2, y, rows, hv, yv = _flatten(hidden, targets, params.ignore_index)
+    if yv.numel() == 0:
+        return tuple(torch.zeros_like(t) if need else None for t, need in zip((hidden, weight, bias), needs))
+
+    def valid(t):
+        t = t.reshape(-1)
+        return (t if rows is None else t.index_select(0, rows)).float().contiguous()
+
+    dhv, dw, db = _impl(params).backward(
+        hv, weight, bias, yv, valid(lse), valid(entropy),
+        None if grad_logprob is None else valid(grad_logprob),
+        None if grad_entropy is None else valid(grad_entropy),
+        params, needs,
+    )
+    dh = None
+    if dhv is not None:
+        dhv = dhv.to(hidden.dtype)
+        dh = dhv if rows is None else h2.new_zeros(h2.shape).index_copy_(0, rows, dhv)
+        dh = dh.view(hidden.shape)
+    if db is not None:
+        db = db.to(bias.dtype)
+    return dh, dw, db
+
+
+def make_params(hidden, weight, targets, bias, temperature, softcap, ignore_index, backend, moments=False):
+    """Validate the public arguments and build the LogprobParams for them."""
+    check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend)
+    temperature = positive_finite("temperature", temperature)
+    softcap = positive_finite("softcap", softcap, allow_none=True)
+    resolved, interpret = resolve_backend(backend, hidden.device)
+    return LogprobParams(temperature, softcap, ignore_index, resolved, interpret, moments)
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    ignore_index: int = -100,
+    return_entropy: bool = True,
+    backend: str = "auto",
+) -> TokenStats:
+    """Per-token log-probabilities (and entropy) of `targets` under an lm-head, without the [N, V] logits.
+
+    Equals, in plain torch (but never allocates the logits, forward or backward)::
+
+        z = hidden @ weight.T + bias
+        z = softcap * tanh(z / softcap)            # if softcap is given
+        logp = torch.log_softmax(z / temperature, -1)
+        logprobs = logp.gather(-1, targets[..., None])[..., 0]
+        entropy = -(logp.exp() * logp).sum(-1)
+
+    with tokens whose target is `ignore_index` giving 0 and receiving no gradient (and costing no vocabulary
+    work). Both outputs are fp32, shaped like `targets`, and differentiable w.r.t. hidden, weight and bias.
+
+    Args:
+        hidden: [..., H] last hidden states (bf16, fp16 or fp32).
+        weight: [V, H] lm-head weight, same dtype and device as hidden.
+        targets: integer [...] token ids in [0, V) or ignore_index.
+        bias: optional [V] lm-head bias.
+        temperature: finite positive divisor of the (softcapped) logits.
+        softcap: optional finite positive logit soft-cap (Gemma-2's final_logit_softcapping).
+        return_entropy: if False, `TokenStats.entropy` is None.
+        backend: "auto" (Triton on CUDA, chunked torch on CPU), "triton" (on CPU: the Triton interpreter),
+            or "torch".
+
+    Under `torch.no_grad()` (or when nothing requires grad) only the forward runs and nothing is saved.
+    The target-range check costs a device sync: see `fused_rlvr.set_target_check` to skip it.
+    """
+    params = make_params(hidden, weight, targets, bias, temperature, softcap, ignore_index, backend)
+    tracked = (hidden, weight) + (() if bias is None else (bias,))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
+        lp, ent = LinearLogprobFunction.apply(hidden, weight, bias, targets, params)
+    else:
+        stats = forward_stats(hidden, weight, bias, targets, params)
+        lp, ent = stats["logprob"], stats["entropy"]
+    return TokenStats(lp, ent if return_entropy else None)
+
+
+@torch.no_grad()
+def linear_entropy_moments(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> dict[str, torch.Tensor]:
+    """No-grad forward with the entropy-change moments (RESEARCH.md section 1).
+
+    Returns fp32 tensors shaped like targets: logprob, entropy, lse, sum_p2 = sum_v p_v^2 and
+    sum_p2_logp = sum_v p_v^2 log p_v — what the first-order entropy-change estimate needs.
+    """
+    params = make_params(hidden, weight, targets, bias, temperature, softcap, ignore_index, backend, True)
+    return forward_stats(hidden, weight, bias, targets, params)

