@@ -1,7 +1,7 @@
 """Chunked PyTorch path (CPU users, and the fallback): same algorithm as the Triton kernels.
 
 Logits are computed for one block of rows x one chunk of the vocabulary at a time, so the extra memory
-is a few [rows, chunk] fp32 buffers (FUSED_RLVR_TORCH_CHUNK_BYTES each, 8 MiB by default) plus, when the
+is a few [rows, chunk] fp32 buffers (FUSED_RLVR_TORCH_CHUNK_BYTES each, 4 MiB by default) plus, when the
 hidden states are not fp32, an fp32 d_hidden accumulator; never [N, V].
 """
 
@@ -18,7 +18,7 @@ MIN_CHUNK = 64
 
 
 def _chunk_bytes() -> int:
-    return int(os.environ.get("FUSED_RLVR_TORCH_CHUNK_BYTES", str(8 << 20)))
+    return int(os.environ.get("FUSED_RLVR_TORCH_CHUNK_BYTES", str(4 << 20)))
 
 
 def _blocks(n_rows: int, vocab: int) -> tuple[int, int]:
@@ -56,12 +56,13 @@ def forward(hidden, weight, bias, targets, params) -> dict[str, torch.Tensor]:
             zy = z.gather(1, y.clamp(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1)
             m = z.max(dim=1).values
             d = z.sub_(m.unsqueeze(1))
-            e = d.exp()
-            stats = [m, e.sum(1), torch.einsum("ij,ij->i", e, d), torch.where(inside, zy, 0.0)]
+            e = d.exp()  # two [rows, chunk] buffers: d and e; the products below reuse them in place
+            piece[0, r0:r1], piece[1, r0:r1], piece[3, r0:r1] = m, e.sum(1), torch.where(inside, zy, 0.0)
+            de = d.mul_(e)
+            piece[2, r0:r1] = de.sum(1)
             if params.moments:
-                e2 = e.square_()
-                stats += [e2.sum(1), torch.einsum("ij,ij->i", e2, d)]
-            piece[:, r0:r1] = torch.stack(stats)
+                piece[5, r0:r1] = de.mul_(e).sum(1)
+                piece[4, r0:r1] = e.square_().sum(1)
         state = piece if v0 == 0 else reduce_partials(torch.stack([state, piece], dim=1))
     return finalize(state)
 

@@ -15,7 +15,7 @@ import torch
 
 from fused_rlvr._kernels import kernel_module
 from fused_rlvr._partials import finalize, reduce_partials
-from fused_rlvr.kernels.configs import BWD_VOCAB_CHUNK
+from fused_rlvr.kernels import configs
 
 INTERPRET_VOCAB_CHUNK = 64  # small under the interpreter so tests cross several chunks
 
@@ -50,7 +50,7 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 def backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy, params, needs):
     need_dh, need_dw, need_db = needs
     n, vocab = hidden.shape[0], weight.shape[0]
-    chunk = min(vocab, INTERPRET_VOCAB_CHUNK if params.interpret else BWD_VOCAB_CHUNK)
+    chunk = min(vocab, INTERPRET_VOCAB_CHUNK if params.interpret else configs.BWD_VOCAB_CHUNK)
     staging = torch.empty((n, chunk), dtype=hidden.dtype, device=hidden.device)
     dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_dh else None
     dw = torch.empty_like(weight) if need_dw else None

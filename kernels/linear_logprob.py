@@ -31,14 +31,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fused_rlvr.kernels.configs import (
-    BWD_GPU,
-    FWD_GPU,
-    FWD_MAX_SPLITS,
-    FWD_TARGET_PROGRAMS,
-    INTERPRET,
-    TileConfig,
-)
+
+from fused_rlvr.kernels import configs
+from fused_rlvr.kernels.configs import TileConfig
 
 
 @triton.jit
@@ -226,23 +221,51 @@ def forward(
     """
     N, H = hidden.shape
     V = weight.shape[0]
-    cfg = config or (INTERPRET if interpret else FWD_GPU)
-    n_tiles = triton.cdiv(N, cfg.BLOCK_N)
-    v_tiles = triton.cdiv(V, cfg.BLOCK_V)
-    splits = max(1, min(triton.cdiv(FWD_TARGET_PROGRAMS, n_tiles), v_tiles, FWD_MAX_SPLITS))
-    tiles_per_split = triton.cdiv(v_tiles, splits)
-    splits = triton.cdiv(v_tiles, tiles_per_split)  # no split without a real column
-    part = torch.empty((6 if moments else 4, splits, N), device=hidden.device, dtype=torch.float32)
-    _fwd_kernel[(n_tiles * splits,)](
-        hidden, weight, bias if bias is not None else hidden, targets, part,
-        N, V, H, splits, tiles_per_split, splits * N,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        float(inv_temperature), float(softcap or 1.0),
-        MOMENTS=moments,
-        **_flags(hidden, weight, bias, softcap, cfg, interpret),
-        **({} if interpret else cfg.as_launch()),
-    )
-    return part
+
+    def launch(cfg: TileConfig) -> torch.Tensor:
+        n_tiles = triton.cdiv(N, cfg.BLOCK_N)
+        v_tiles = triton.cdiv(V, cfg.BLOCK_V)
+        splits = max(1, min(triton.cdiv(configs.FWD_TARGET_PROGRAMS, n_tiles), v_tiles, configs.FWD_MAX_SPLITS))
+        tiles_per_split = triton.cdiv(v_tiles, splits)
+        splits = triton.cdiv(v_tiles, tiles_per_split)  # no split without a real column
+        part = torch.empty((6 if moments else 4, splits, N), device=hidden.device, dtype=torch.float32)
+        _fwd_kernel[(n_tiles * splits,)](
+            hidden, weight, bias if bias is not None else hidden, targets, part,
+            N, V, H, splits, tiles_per_split, splits * N,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            float(inv_temperature), float(softcap or 1.0),
+            MOMENTS=moments,
+            **_flags(hidden, weight, bias, softcap, cfg, interpret),
+            **({} if interpret else cfg.as_launch()),
+        )
+        return part
+
+    if config is None:
+        key = ("fwd", configs.bucket_tokens(N), V, H, hidden.dtype, bias is not None, softcap is not None, moments)
+        config = _choose(key, configs.FWD_GPU, configs.FWD_CANDIDATES, launch, interpret)
+    return launch(config)
+
+
+def _choose(key, default: TileConfig, candidates, launch, interpret: bool) -> TileConfig:
+    """The configured default, or with FUSED_RLVR_AUTOTUNE=1 the fastest candidate (timed once per key)."""
+    if interpret:
+        return configs.INTERPRET
+    if not configs.autotune_enabled():
+        return default
+    if key not in _TUNED:
+        from triton.testing import do_bench
+
+        timings = {}
+        for cand in candidates:
+            try:
+                timings[cand] = do_bench(lambda c=cand: launch(c), warmup=5, rep=20)
+            except Exception:  # a candidate that does not fit this GPU (shared memory) is skipped
+                continue
+        _TUNED[key] = min(timings, key=timings.get) if timings else default
+    return _TUNED[key]
+
+
+_TUNED: dict = {}
 
 
 def dlogits(
@@ -266,19 +289,26 @@ def dlogits(
     N, H = hidden.shape
     V = weight.shape[0]
     chunk = out.shape[1]
-    cfg = config or (INTERPRET if interpret else BWD_GPU)
-    grid = (triton.cdiv(N, cfg.BLOCK_N) * triton.cdiv(chunk, cfg.BLOCK_V),)
-    _dlogits_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden, targets, lse, entropy,
-        grad_logprob if grad_logprob is not None else lse,
-        grad_entropy if grad_entropy is not None else lse,
-        out,
-        N, V, H, v_start, chunk,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-        float(inv_temperature), float(softcap or 1.0),
-        HAS_GLP=grad_logprob is not None,
-        HAS_GENT=grad_entropy is not None,
-        **_flags(hidden, weight, bias, softcap, cfg, interpret),
-        **({} if interpret else cfg.as_launch()),
-    )
-    return out
+
+    def launch(cfg: TileConfig) -> torch.Tensor:
+        grid = (triton.cdiv(N, cfg.BLOCK_N) * triton.cdiv(chunk, cfg.BLOCK_V),)
+        _dlogits_kernel[grid](
+            hidden, weight, bias if bias is not None else hidden, targets, lse, entropy,
+            grad_logprob if grad_logprob is not None else lse,
+            grad_entropy if grad_entropy is not None else lse,
+            out,
+            N, V, H, v_start, chunk,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+            float(inv_temperature), float(softcap or 1.0),
+            HAS_GLP=grad_logprob is not None,
+            HAS_GENT=grad_entropy is not None,
+            **_flags(hidden, weight, bias, softcap, cfg, interpret),
+            **({} if interpret else cfg.as_launch()),
+        )
+        return out
+
+    if config is None:
+        key = ("bwd", configs.bucket_tokens(N), chunk, H, hidden.dtype, bias is not None, softcap is not None,
+               grad_logprob is not None, grad_entropy is not None)
+        config = _choose(key, configs.BWD_GPU, configs.BWD_CANDIDATES, launch, interpret)
+    return launch(config)
