@@ -9,7 +9,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # peers carried as wheels (the GPU machi
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | grep -v -i warning | tail -3
+# No install: a source checkout imports as is (fused_rlvr maps kernels/ to fused_rlvr.kernels itself).
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv \
   | tee "$OUT/nvidia-smi.txt"
 timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -15 | tee "$OUT/pytest_gpu.txt"

@@ -1,8 +1,21 @@
 """fused-rlvr: fused lm-head log-probs, entropy and RLVR losses without materialising logits."""
 
-from fused_rlvr._validation import set_target_check
-from fused_rlvr.linear_logprobs import linear_entropy_moments, linear_logprobs
-from fused_rlvr.types import TokenStats
+import importlib.util as _ilu
+import os as _os
+import sys as _sys
+
+if _ilu.find_spec("fused_rlvr.kernels") is None:  # a source checkout used without `pip install`:
+    # kernels/ lies beside this package; map it as fused_rlvr.kernels, as setup.py's package_dir does.
+    _src = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "kernels")
+    _spec = _ilu.spec_from_file_location(
+        "fused_rlvr.kernels", _os.path.join(_src, "__init__.py"), submodule_search_locations=[_src]
+    )
+    _sys.modules["fused_rlvr.kernels"] = _ilu.module_from_spec(_spec)
+    _spec.loader.exec_module(_sys.modules["fused_rlvr.kernels"])
+
+from fused_rlvr._validation import set_target_check  # noqa: E402
+from fused_rlvr.linear_logprobs import linear_entropy_moments, linear_logprobs  # noqa: E402
+from fused_rlvr.types import TokenStats  # noqa: E402
 
 __version__ = "0.1.0"
 
