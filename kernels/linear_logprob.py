@@ -100,6 +100,7 @@ def _fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MOMENTS: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_IEEE: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+    FLATTEN: tl.constexpr,
 ):
     pid_n, pid_s = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), NUM_SPLITS, GROUP_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -114,7 +115,7 @@ def _fwd_kernel(
     s2d = tl.zeros((BLOCK_N,), dtype=tl.float32)
     v_first = pid_s * TILES_PER_SPLIT * BLOCK_V
     v_last = tl.minimum(v_first + TILES_PER_SPLIT * BLOCK_V, V)
-    for v0 in range(v_first, v_last, BLOCK_V):
+    for v0 in tl.range(v_first, v_last, BLOCK_V, flatten=FLATTEN):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
         z, _t = _logit_tile(
@@ -235,6 +236,7 @@ def forward(
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             float(inv_temperature), float(softcap or 1.0),
             MOMENTS=moments,
+            FLATTEN=cfg.FLATTEN,
             **_flags(hidden, weight, bias, softcap, cfg, interpret),
             **({} if interpret else cfg.as_launch()),
         )
