@@ -14,14 +14,27 @@ if _ilu.find_spec("fused_rlvr.kernels") is None:  # a source checkout used witho
     _spec.loader.exec_module(_sys.modules["fused_rlvr.kernels"])
 
 from fused_rlvr._validation import set_target_check  # noqa: E402
+from fused_rlvr.advantages import SteerConfig, group_advantages, steer_weights  # noqa: E402
+from fused_rlvr.grpo import GRPOStats, linear_grpo_loss  # noqa: E402
 from fused_rlvr.linear_logprobs import linear_entropy_moments, linear_logprobs  # noqa: E402
+from fused_rlvr.modules import LinearGRPOLoss, LinearPACSLoss  # noqa: E402
+from fused_rlvr.pacs import PACSStats, linear_pacs_loss  # noqa: E402
 from fused_rlvr.types import TokenStats  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GRPOStats",
+    "LinearGRPOLoss",
+    "LinearPACSLoss",
+    "PACSStats",
+    "SteerConfig",
     "TokenStats",
+    "group_advantages",
     "linear_entropy_moments",
+    "linear_grpo_loss",
     "linear_logprobs",
+    "linear_pacs_loss",
     "set_target_check",
+    "steer_weights",
 ]

@@ -108,3 +108,38 @@ def check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend) ->
                 f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
                 f"targets{where} = {int(targets[tuple(where)])}"
             )
+
+
+def as_mask(name: str, mask, shape) -> torch.Tensor:
+    """A [B, T] 0/1 mask as float32; bool or integer/float tensors holding only 0 and 1."""
+    check_tensor(name, mask)
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} (that of targets), got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError(f"{name} must be boolean or hold only 0 and 1; got values such as "
+                         f"{mask[(mask != 0) & (mask != 1)].flatten()[:3].tolist()}")
+    return mask.to(torch.float32)
+
+
+def per_token(name: str, value, shape, *, allow_none: bool = True, allow_per_sequence: bool = False):
+    """Check a [B, T] (or [B] where allowed) float tensor and return it as contiguous fp32."""
+    if value is None:
+        if allow_none:
+            return None
+        raise ValueError(f"{name} is required")
+    check_tensor(name, value)
+    ok = tuple(value.shape) == tuple(shape) or (allow_per_sequence and tuple(value.shape) == tuple(shape[:1]))
+    if not ok:
+        expected = f"{tuple(shape)}" + (f" or {tuple(shape[:1])}" if allow_per_sequence else "")
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    return value.detach().to(torch.float32).contiguous()
+
+
+def non_negative(name: str, value) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)

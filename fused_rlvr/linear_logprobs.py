@@ -78,11 +78,14 @@ class LinearLogprobFunction(torch.autograd.Function):
         ctx.params = params
         ctx.save_for_backward(hidden, weight, bias, targets, stats["lse"], stats["entropy"])
         ctx.set_materialize_grads(False)
+        if params.moments:  # (sum p^2, sum p^2 log p) ride along, not differentiable
+            ctx.mark_non_differentiable(stats["sum_p2"], stats["sum_p2_logp"])
+            return stats["logprob"], stats["entropy"], stats["sum_p2"], stats["sum_p2_logp"]
         return stats["logprob"], stats["entropy"]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logprob, grad_entropy):
+    def backward(ctx, grad_logprob, grad_entropy, *_moment_grads):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         needs = (need_h, need_w, bias is not None and need_b)
