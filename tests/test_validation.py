@@ -82,3 +82,70 @@ def test_target_check_can_be_skipped():
         fused_rlvr.set_target_check(True)
     with pytest.raises(ValueError):
         linear_logprobs(h, w, bad)
+
+
+def _loss_inputs():
+    h = torch.randn(2, 5, 8)
+    w = torch.randn(11, 8)
+    y = torch.randint(0, 11, (2, 5))
+    m = torch.ones(2, 5, dtype=torch.bool)
+    return h, w, y, torch.randn(2), m, torch.randn(2, 5) - 2
+
+
+GRPO_CASES = [
+    ("mask values", dict(mask=torch.full((2, 5), 2.0)), ValueError, r"mask must be boolean or hold only 0 and 1"),
+    ("mask shape", dict(mask=torch.ones(2, 4)), ValueError, r"mask must have shape \(2, 5\)"),
+    ("advantages shape", dict(advantages=torch.randn(3)), ValueError, r"advantages must have shape \(2, 5\) or \(2,\), got \(3,\)"),
+    ("old shape", dict(old_logprobs=torch.randn(2, 4)), ValueError, r"old_logprobs must have shape \(2, 5\), got \(2, 4\)"),
+    ("targets shape", dict(targets=torch.zeros(2, 4, dtype=torch.long)), ValueError, r"targets must be \[B, T\] = \(2, 5\)"),
+    ("hidden 2-D", dict(hidden=torch.randn(10, 8)), ValueError, r"hidden must be \[B, T, H\]"),
+    ("negative beta", dict(beta=-0.1), ValueError, r"beta must be a finite number >= 0, got -0.1"),
+    ("eps_low 0", dict(eps_low=0.0), ValueError, r"eps_low must be in \(0, 1\], got 0.0"),
+    ("eps_low big", dict(eps_low=1.5), ValueError, r"eps_low must be in \(0, 1\], got 1.5"),
+    ("eps_high neg", dict(eps_high=-0.2), ValueError, r"eps_high must be in \(0, 1\]"),
+    ("kl name", dict(kl="k4"), ValueError, r"kl must be one of 'k1', 'k2', 'k3', 'k1\+', 'k2\+', 'k3\+'; got 'k4'"),
+    ("agg name", dict(agg="mean"), ValueError, r"agg must be one of 'token-mean', 'seq-mean-token-mean', .*'dapo'; got 'mean'"),
+    ("importance", dict(importance="seq"), ValueError, r"importance must be one of 'token', 'sequence'; got 'seq'"),
+    ("ref missing", dict(beta=0.1), ValueError, r"ref_logprobs is required when beta > 0 \(beta=0.1\)"),
+    ("dual clip", dict(dual_clip=0.5), ValueError, r"dual_clip must be > 1"),
+    ("steer type", dict(steer="exp"), TypeError, r"steer must be a fused_rlvr.SteerConfig or None, got str"),
+    ("normalizer", dict(normalizer=0), ValueError, r"normalizer must be a finite positive number, got 0.0"),
+]
+
+
+@pytest.mark.parametrize("name,override,exc,pattern", GRPO_CASES, ids=[c[0] for c in GRPO_CASES])
+def test_grpo_errors(name, override, exc, pattern):
+    h, w, y, a, m, old = _loss_inputs()
+    kw = dict(hidden=h, weight=w, targets=y, advantages=a, mask=m, old_logprobs=old)
+    kw.update(override)
+    args = [kw.pop(k) for k in ("hidden", "weight", "targets", "advantages", "mask")]
+    with pytest.raises(exc, match=pattern):
+        fused_rlvr.linear_grpo_loss(*args, **kw)
+
+
+def test_steer_config_errors():
+    with pytest.raises(ValueError, match=r"steer.mode must be one of 'exp', 'linear', 'exact'; got 'log'"):
+        fused_rlvr.SteerConfig(mode="log")
+    with pytest.raises(ValueError, match=r"steer.lambda_min \(0.9\) must not exceed lambda_max \(0.8\)"):
+        fused_rlvr.SteerConfig(lambda_min=0.9, lambda_max=0.8)
+
+
+PACS_CASES = [
+    ("rewards range", dict(rewards=torch.tensor([1.0, 2.0])), ValueError, r"rewards must lie in \[0, 1\]"),
+    ("rewards shape", dict(rewards=torch.tensor([1.0, 0.0, 1.0])), ValueError, r"rewards must be \[B\] = \(2,\)"),
+    ("negative beta", dict(beta=-1.0), ValueError, r"beta must be a finite number >= 0, got -1.0"),
+    ("baseline", dict(baseline="mean"), ValueError, r"baseline must be one of 'rloo', 'grpo', 'none'; got 'mean'"),
+    ("group of one", dict(group_ids=torch.tensor([0, 1])), ValueError,
+     r"baseline='rloo' needs groups of at least 2 sequences; group 0 has one"),
+    ("group ids float", dict(group_ids=torch.tensor([0.0, 0.0])), ValueError, r"group_ids must be a 1-D integer tensor"),
+    ("old missing", dict(old_logprobs=None), ValueError, r"old_logprobs is required"),
+]
+
+
+@pytest.mark.parametrize("name,override,exc,pattern", PACS_CASES, ids=[c[0] for c in PACS_CASES])
+def test_pacs_errors(name, override, exc, pattern):
+    h, w, y, _, m, old = _loss_inputs()
+    kw = dict(rewards=torch.tensor([1.0, 0.0]), group_ids=torch.tensor([0, 0]), old_logprobs=old)
+    kw.update(override)
+    with pytest.raises(exc, match=pattern):
+        fused_rlvr.linear_pacs_loss(h, w, y, kw.pop("rewards"), m, kw.pop("group_ids"), **kw)
