@@ -3,41 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
-import resource
 import sys
-import threading
 import time
 
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-class PeakRSS:
-    """Highest resident memory seen while the block runs, sampled every millisecond (Linux)."""
-
-    def __enter__(self):
-        try:  # hand freed heap pages back first, or reused ones would hide the block's own peak
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-        self.base = self.peak = _rss_mib()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(0.001):
-            self.peak = max(self.peak, _rss_mib())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_mib())
-        self.extra = self.peak - self.base
+from fused_rlvr._memory import PeakRSS
 
 
 def demo(args) -> int:
@@ -79,7 +48,7 @@ def demo(args) -> int:
                 lp = torch.where(valid, logp.gather(-1, targets.clamp_min(0)[..., None])[..., 0], 0.0)
                 ent = torch.where(valid, -(logp.exp() * logp).sum(-1), 0.0)
             (lp.sum() + 0.01 * ent.sum()).backward()
-        return lp.detach(), ent.detach(), h.grad, time.time() - t, mem.extra
+        return lp.detach(), ent.detach(), h.grad, time.time() - t, mem.extra / 2**20
 
     run(True)  # warm-up: thread pools and library code pages are touched once, outside the measurement
     ours = run(True)

@@ -1,0 +1,130 @@
+"""The benchmarked operations, each with its providers: build inputs once, then `step(provider, grad)`.
+
+ops: "logprob" (per-token log-probs), "logprob_entropy" (log-probs + entropy), "grpo" (the GRPO loss,
+TRL's dapo aggregation, k3 KL with beta 0.04, clip 0.2/0.28), "pacs" (the PACS loss, groups of 8).
+A step returns a scalar to backpropagate (for the per-token ops: a random weighting of the outputs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench.providers import PROVIDERS, NotSupported
+from bench.shapes import ModelShape
+
+OPS = ("logprob", "logprob_entropy", "grpo", "pacs")
+OP_PROVIDERS = {
+    "logprob": ("fused-rlvr", "torch", "torch-compile-chunked", "liger", "cce"),
+    "logprob_entropy": ("fused-rlvr", "torch", "torch-compile-chunked"),
+    "grpo": ("fused-rlvr", "torch", "liger"),
+    "pacs": ("fused-rlvr", "torch"),
+}
+GROUP = 8
+
+
+class Problem:
+    """Inputs of one op at one shape: hidden [B, T, H] with N = B * T tokens, the lm-head, and the rest."""
+
+    def __init__(self, op: str, shape: ModelShape, tokens: int, dtype: torch.dtype, device: str,
+                 seed: int = 0):
+        self.op, self.shape, self.device = op, shape, device
+        g = torch.Generator(device=device).manual_seed(seed)
+        seq = 512 if tokens >= 4096 else max(16, tokens // 8)
+        b = max(GROUP, tokens // seq) if op in ("grpo", "pacs") else max(1, tokens // seq)
+        t = tokens // b
+        self.b, self.t = b, t
+        h = torch.randn(b, t, shape.hidden, generator=g, device=device, dtype=torch.float32)
+        h.mul_(2.5 / shape.hidden**0.5)
+        self.hidden = h.to(dtype).requires_grad_()
+        w = torch.randn(shape.vocab, shape.hidden, generator=g, device=device, dtype=torch.float32)
+        self.weight = w.to(dtype).requires_grad_()
+        del h, w
+        self.targets = torch.randint(0, shape.vocab, (b, t), generator=g, device=device)
+        self.mask = torch.ones(b, t, dtype=torch.bool, device=device)
+        self.mask[:, : t // 8] = False  # a prompt-like prefix that is not scored
+        self.g_lp = torch.randn(b, t, generator=g, device=device)
+        self.g_ent = torch.randn(b, t, generator=g, device=device)
+        self.adv = torch.randn(b, generator=g, device=device)
+        base = -torch.rand(b, t, generator=g, device=device) * 8
+        self.old = base + 0.1 * torch.randn(b, t, generator=g, device=device)
+        self.ref = base + 0.1 * torch.randn(b, t, generator=g, device=device)
+        self.rewards = (torch.rand(b, generator=g, device=device) > 0.5).float()
+        self.groups = torch.arange(b, device=device) // GROUP
+
+    @property
+    def n_tokens(self) -> int:
+        return self.b * self.t
+
+    def grads(self):
+        return self.hidden, self.weight
+
+    def step(self, provider: str, grad: bool = True) -> torch.Tensor:
+        fn = {"logprob": self._per_token, "logprob_entropy": self._per_token, "grpo": self._grpo,
+              "pacs": self._pacs}[self.op]
+        if grad:
+            return fn(provider)
+        with torch.no_grad():
+            return fn(provider)
+
+    def _per_token(self, provider):
+        entropy = self.op == "logprob_entropy"
+        y = torch.where(self.mask, self.targets, -100)
+        lp, ent = PROVIDERS[provider](self.hidden, self.weight, y, softcap=self.shape.softcap,
+                                      entropy=entropy)
+        out = (lp * self.g_lp).sum()
+        return out + (ent * self.g_ent).sum() if entropy else out
+
+    def _grpo(self, provider):
+        kw = dict(beta=0.04, eps_low=0.2, eps_high=0.28)
+        if provider == "fused-rlvr":
+            from fused_rlvr import linear_grpo_loss
+
+            return linear_grpo_loss(self.hidden, self.weight, self.targets, self.adv, self.mask,
+                                    old_logprobs=self.old, ref_logprobs=self.ref, agg="dapo", kl="k3",
+                                    softcap=self.shape.softcap, **kw)[0]
+        if provider == "torch":
+            from fused_rlvr.grpo import GRPOParams, grpo_token_loss_torch
+            from fused_rlvr.reference import reference_logits
+
+            z = reference_logits(self.hidden, self.weight, softcap=self.shape.softcap)
+            lp = torch.log_softmax(z.float(), -1).gather(-1, self.targets[..., None])[..., 0]
+            m = self.mask.float()
+            params = GRPOParams(eps_low=0.2, eps_high=0.28, beta=0.04, kl="k3")
+            return grpo_token_loss_torch(lp, None, self.old, self.ref, self.adv, m, None, params,
+                                         1.0 / float(m.sum()))[0]
+        if provider == "liger":
+            if self.shape.softcap is not None:
+                raise NotSupported("Liger's GRPO loss has no logit softcap")
+            return _liger_grpo(self.hidden.is_cuda)(
+                self.hidden, self.weight, self.targets, self.mask.long(), self.adv,
+                ref_per_token_logps=self.ref, old_per_token_logps=self.old)[0]
+        raise NotSupported(f"{provider} has no GRPO loss")
+
+    def _pacs(self, provider):
+        if provider == "fused-rlvr":
+            from fused_rlvr import linear_pacs_loss
+
+            return linear_pacs_loss(self.hidden, self.weight, self.targets, self.rewards, self.mask,
+                                    self.groups, old_logprobs=self.old, softcap=self.shape.softcap)[0]
+        if provider == "torch":
+            from fused_rlvr.pacs import pacs_loss_from_scores
+            from fused_rlvr.reference import reference_logits
+
+            z = reference_logits(self.hidden, self.weight, softcap=self.shape.softcap)
+            lp = torch.log_softmax(z.float(), -1).gather(-1, self.targets[..., None])[..., 0]
+            scores = ((lp - self.old) * self.mask).sum(1)
+            return pacs_loss_from_scores(scores, self.rewards, self.groups)[0]
+        raise NotSupported(f"{provider} has no PACS loss")
+
+
+_LIGER = {}
+
+
+def _liger_grpo(cuda: bool):
+    """Liger's GRPO loss with its defaults (torch.compile'd chunks), built once per device kind."""
+    if cuda not in _LIGER:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        _LIGER[cuda] = LigerFusedLinearGRPOLoss(beta=0.04, use_ref_model=True, epsilon_low=0.2,
+                                                epsilon_high=0.28, loss_type="dapo")
+    return _LIGER[cuda]

@@ -1,0 +1,217 @@
+"""All providers side by side: speed, memory and scaling of every op, on CPU or GPU, in one run.
+
+    python -m bench.run --device cpu  --out bench/results/cpu      # ~20 min on 2 cores
+    python -m bench.run --device cuda --out $OUT                   # ~3 min on an H100
+
+Sections (--sections):
+  target   each op (logprob, logprob_entropy, grpo, pacs) x provider at the device's target shape
+           (GPU: N=8192, H=4096, V=151936, bf16; CPU: N=1024, H=896, V=151936, fp32): modes fwd+bwd,
+           fwd, no-grad; peak extra memory (CUDA allocator, or a fresh process's peak RSS on CPU); the bare
+           lm-head GEMM forward+backward of the same shape (the floor) and its TFLOP/s.
+  scaling  log-prob+entropy, ours vs plain torch: time and memory against tokens, and against the
+           vocabularies of real models.
+Rows go to results.csv (bench.harness format: ratios are derived from rows of the same run); `python -m
+bench.plot DIR` draws them. Timings are medians with p20/p80; on CPU compare ratios, not absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+from bench.harness import Recorder, cuda_peak_extra, device_name, time_fn, versions
+from bench.ops import OP_PROVIDERS, OPS, Problem
+from bench.providers import NotSupported, available
+from bench.shapes import (
+    CPU_TARGET,
+    CPU_TOKEN_GRID,
+    CPU_VOCAB_MODELS,
+    GPU_TARGET,
+    GPU_TOKEN_GRID,
+    GPU_VOCAB_MODELS,
+    MODELS,
+    ModelShape,
+)
+
+
+class Bench:
+    def __init__(self, device: str, out: str, quick: bool):
+        self.device, self.out, self.quick = device, out, quick
+        self.cuda = device == "cuda"
+        self.dtype = torch.bfloat16 if self.cuda else torch.float32
+        self.rec = Recorder(device_name(device))
+        self.summary = {"device": device_name(device), "versions": versions(), "results": {}}
+        self.budget = 300.0 if self.cuda else 0.0
+        self.reps = dict(warmup=1, rep=2 if quick else 3)
+
+    def timing(self, fn):
+        if self.cuda:
+            return time_fn(fn, "cuda", budget_ms=self.budget)
+        return time_fn(fn, "cpu", **self.reps)
+
+    def memory(self, prob: Problem, provider: str, model: str) -> float | None:
+        if self.cuda:
+            prob.hidden.grad = prob.weight.grad = None
+
+            def full():
+                loss = prob.step(provider)
+                return torch.autograd.grad(loss, prob.grads())
+
+            grads = sum(t.numel() * t.element_size() for t in prob.grads())
+            return float(cuda_peak_extra(full, "cuda") - grads)
+        from bench.memory_cpu import measure
+
+        r = measure(provider, model, prob.n_tokens, "fp32", prob.op)
+        return None if "not_supported" in r else float(r["added"])
+
+    def gemm_floor(self, shape: ModelShape, n: int) -> float:
+        h = torch.randn(n, shape.hidden, device=self.device, dtype=self.dtype)
+        w = torch.randn(shape.vocab, shape.hidden, device=self.device, dtype=self.dtype)
+        g = torch.randn(n, shape.vocab, device=self.device, dtype=self.dtype)
+        t = self.timing(lambda: (h @ w.T, g @ w, g.T @ h))
+        tag = f"N={n},H={shape.hidden},V={shape.vocab}"
+        flops = 6 * n * shape.hidden * shape.vocab
+        self.rec.add("lm_head_gemm", "torch", "fwd+bwd", "median_ms", t.median_ms, x_name="model",
+                     x=shape.name, shape=tag, dtype=str(self.dtype))
+        self.rec.add("lm_head_gemm", "torch", "fwd+bwd", "tflops", flops / t.median_ms / 1e9, x_name="model",
+                     x=shape.name, shape=tag, dtype=str(self.dtype))
+        return t.median_ms
+
+    def one(self, op, provider, shape, n, *, modes=("fwd+bwd",), mem=True, x_name="model", x=None):
+        """Time (and measure) one op/provider; returns {mode: median ms, 'added_bytes': ...} or None."""
+        prob = Problem(op, shape, n, self.dtype, self.device)
+        tag = f"N={prob.n_tokens},H={shape.hidden},V={shape.vocab}"
+        x = shape.name if x is None else x
+        res = {}
+        try:
+            prob.step(provider)  # warm-up / compile; raises NotSupported early
+        except NotSupported as e:
+            self.summary.setdefault("not_supported", {})[f"{op}/{provider}"] = str(e)
+            return None
+
+        def full():
+            return torch.autograd.grad(prob.step(provider), prob.grads())
+
+        for mode in modes:
+            fn = {"fwd+bwd": full, "fwd": lambda: prob.step(provider),
+                  "nograd": lambda: prob.step(provider, grad=False)}[mode]
+            t = self.timing(fn)
+            res[mode] = t.median_ms
+            for metric in ("median_ms", "p20_ms", "p80_ms"):
+                self.rec.add(op, provider, mode, metric, getattr(t, metric), x_name=x_name, x=x, shape=tag,
+                             dtype=str(self.dtype))
+        if mem:
+            added = self.memory(prob, provider, shape.name)
+            if added is not None:
+                logits = prob.n_tokens * shape.vocab * 4
+                res["added_over_fp32_logits"] = added / logits
+                self.rec.add(op, provider, "fwd+bwd", "added_bytes", added, x_name=x_name, x=x, shape=tag,
+                             dtype=str(self.dtype))
+                self.rec.add(op, provider, "fwd+bwd", "added_over_fp32_logits", added / logits, x_name=x_name,
+                             x=x, shape=tag, dtype=str(self.dtype))
+        prob.hidden.grad = prob.weight.grad = None
+        if self.cuda:
+            torch.cuda.empty_cache()
+        return res
+
+    def guarded(self, name, fn, *args, **kw):
+        t0 = time.time()
+        try:
+            return fn(*args, **kw)
+        except Exception:  # noqa: BLE001 - report and continue: one failure must not hide the rest
+            self.summary.setdefault("errors", {})[name] = traceback.format_exc()[-2500:]
+            print(f"[{name}] FAILED\n{self.summary['errors'][name]}", flush=True)
+        finally:
+            print(f"[{name}] {time.time() - t0:.1f}s", flush=True)
+
+    def target(self, ops):
+        model, n = GPU_TARGET if self.cuda else CPU_TARGET
+        shape = MODELS[model]
+        floor = self.guarded("gemm_floor", self.gemm_floor, shape, n)
+        self.summary["target"] = {"model": model, "tokens": n, "gemm_floor_ms": floor}
+        for op in ops:
+            for provider in OP_PROVIDERS[op]:
+                if not available(provider):
+                    continue
+                modes = ("fwd+bwd", "fwd", "nograd") if provider == "fused-rlvr" else ("fwd+bwd",)
+                r = self.guarded(f"{op}/{provider}", self.one, op, provider, shape, n, modes=modes)
+                if r:
+                    if floor:
+                        r["x_floor"] = r["fwd+bwd"] / floor
+                    self.summary["results"][f"{op}/{provider}"] = r
+
+    def scaling(self):
+        model, n = GPU_TARGET if self.cuda else CPU_TARGET
+        grid = GPU_TOKEN_GRID if self.cuda else CPU_TOKEN_GRID
+        vocab_models = GPU_VOCAB_MODELS if self.cuda else CPU_VOCAB_MODELS
+        if self.quick:
+            grid = grid[:2]
+        out = self.summary.setdefault("scaling", {})
+        for provider in ("fused-rlvr", "torch"):
+            for tokens in grid:
+                r = self.guarded(f"scale-tokens/{provider}/{tokens}", self.one, "logprob_entropy", provider,
+                                 MODELS[model], tokens, x_name="tokens", x=tokens, mem=True)
+                out[f"tokens/{provider}/{tokens}"] = r
+            for vm in vocab_models:
+                shape = MODELS[vm] if self.cuda else ModelShape(vm, MODELS[model].hidden, MODELS[vm].vocab)
+                r = self.guarded(f"scale-vocab/{provider}/{vm}", self.one, "logprob_entropy", provider, shape,
+                                 n // 2 if not self.cuda else n, x_name="vocab", x=shape.vocab, mem=True)
+                out[f"vocab/{provider}/{shape.vocab}"] = r
+
+    def write(self):
+        os.makedirs(self.out, exist_ok=True)
+        self.rec.write(os.path.join(self.out, "results.csv"))
+        with open(os.path.join(self.out, "summary.json"), "w") as f:
+            json.dump(self.summary, f, indent=1)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    choices=["cpu", "cuda"])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--sections", nargs="+", default=["target", "scaling"], choices=["target", "scaling"])
+    ap.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and grid points")
+    args = ap.parse_args(argv)
+    out = args.out or os.environ.get("OUT") or f"bench/results/{args.device}"
+    b = Bench(args.device, out, args.quick)
+    print(b.summary["device"], b.summary["versions"], flush=True)
+    t0 = time.time()
+    if "target" in args.sections:
+        b.target(args.ops)
+        b.write()
+    if "scaling" in args.sections:
+        b.scaling()
+    b.summary["wall_s"] = time.time() - t0
+    b.write()
+    print_summary(b.summary)
+    return 1 if "errors" in b.summary else 0
+
+
+def print_summary(summary):
+    t = summary.get("target", {})
+    print(f"\n== {summary['device']}  target {t.get('model')} N={t.get('tokens')}  "
+          f"GEMM fwd+bwd floor {t.get('gemm_floor_ms') or float('nan'):.1f} ms")
+    for key, r in summary["results"].items():
+        op = key.split("/")[0]
+        base = summary["results"].get(f"{op}/torch", {}).get("fwd+bwd")
+        vs = f"  {r['fwd+bwd'] / base:.2f}x torch" if base else ""
+        floor = f"  {r['x_floor']:.2f}x floor" if "x_floor" in r else ""
+        frac = r.get("added_over_fp32_logits")
+        mem = f"  added mem {frac:.2%} of fp32 logits" if frac is not None else ""
+        print(f"  {key:34s} fwd+bwd {r['fwd+bwd']:9.1f} ms{vs}{floor}{mem}")
+    for key, why in summary.get("not_supported", {}).items():
+        print(f"  {key:34s} not supported: {why}")
+    for key in summary.get("errors", {}):
+        print(f"  ERROR {key}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
