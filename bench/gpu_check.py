@@ -89,6 +89,70 @@ def check_correctness(rec, summary, shape, n):
     _empty_cache()
 
 
+def check_losses(rec, summary, shape, n):
+    """GRPO (dapo, k3, dual clip, entropy bonus) and PACS through the Triton epilogue vs plain torch, bf16."""
+    from fused_rlvr import linear_grpo_loss, linear_pacs_loss
+    from fused_rlvr.grpo import GRPOParams, grpo_token_loss_torch
+    from fused_rlvr.pacs import pacs_loss_from_scores
+
+    seq = 512
+    b = n // seq
+    h, w, y = make_inputs(n, shape, torch.bfloat16, seed=4, ignore_frac=0.0)
+    h = h.view(b, seq, shape.hidden)
+    y = y.view(b, seq)
+    g = torch.Generator(device=DEV).manual_seed(5)
+    mask = torch.rand(b, seq, device=DEV, generator=g) > 0.1
+    adv = torch.randn(b, device=DEV, generator=g)
+    with torch.no_grad():
+        lp0 = reference_logprobs(h.float(), w.float(), torch.where(mask, y, -100))[0]
+    old = lp0 + 0.2 * torch.randn(b, seq, device=DEV, generator=g)
+    ref = lp0 + 0.2 * torch.randn(b, seq, device=DEV, generator=g)
+    rewards = (torch.rand(b, device=DEV, generator=g) > 0.5).float()
+    groups = torch.arange(b, device=DEV) // 4
+    out = {}
+
+    def grads(fn):
+        hh = h.detach().clone().requires_grad_()
+        ww = w.detach().clone().requires_grad_()
+        loss = fn(hh, ww)
+        loss.backward()
+        return loss.detach().double(), hh.grad, ww.grad
+
+    def errors(a, b):
+        return {"loss_rel_err": abs((a[0] - b[0]) / b[0]).item(), "d_hidden_rel_err": rel(a[1], b[1]),
+                "d_weight_rel_err": rel(a[2], b[2])}
+
+    def ref_lp(hh, ww):
+        z = (hh.float() @ ww.float().T).log_softmax(-1)
+        lp = z.gather(-1, y[..., None])[..., 0]
+        return lp, -(z.exp() * z).sum(-1)
+
+    kw = dict(eps_low=0.2, eps_high=0.28, dual_clip=3.0, beta=0.04, kl="k3", entropy_coef=0.001)
+    ours = grads(lambda hh, ww: linear_grpo_loss(hh, ww, y, adv, mask, old_logprobs=old, ref_logprobs=ref,
+                                                 agg="dapo", **kw)[0])
+    m = mask.float()
+
+    def torch_grpo(hh, ww):
+        lp, ent = ref_lp(hh, ww)
+        params = GRPOParams(**kw)
+        return grpo_token_loss_torch(lp, ent, old, ref, adv, m, None, params, 1.0 / float(m.sum()))[0]
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gt = grads(torch_grpo)
+    out["grpo"] = errors(ours, gt)
+    ours = grads(lambda hh, ww: linear_pacs_loss(hh, ww, y, rewards, mask, groups, old_logprobs=old)[0])
+    gt = grads(lambda hh, ww: pacs_loss_from_scores(((ref_lp(hh, ww)[0] - old) * m).sum(1), rewards,
+                                                    groups)[0])
+    out["pacs"] = errors(ours, gt)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    for op, vals in out.items():
+        for metric, v in vals.items():
+            rec.add(op, "fused-rlvr", "fwd+bwd", metric, v, x_name="N", x=n, dtype="bf16")
+    out["passed"] = all(v["loss_rel_err"] < 1e-2 and v["d_hidden_rel_err"] < 2e-2
+                        and v["d_weight_rel_err"] < 2e-2 for v in out.values())
+    summary["losses"] = out
+
+
 def gemm_ceiling(rec, summary):
     size = 8192 if DEV == "cuda" else 512
     a = torch.randn(size, size, device=DEV, dtype=torch.bfloat16)
@@ -165,7 +229,7 @@ def bare_gemm(rec, summary, shape, n, h, w):
     return full.median_ms
 
 
-def sweep(rec, summary, shape, n, h, w, y):
+def sweep(rec, summary, shape, n, h, w, y, full=False):
     """Time ours fwd+bwd under each tile config and vocabulary chunk; keep the defaults afterwards."""
     prov = PROVIDERS["fused-rlvr"]
     hh = h.detach().requires_grad_()
@@ -194,15 +258,15 @@ def sweep(rec, summary, shape, n, h, w, y):
             out[label] = {"error": repr(e)[:300]}
 
     try:
-        for cfg in configs.FWD_CANDIDATES:
+        for cfg in configs.FWD_CANDIDATES if full else configs.FWD_CANDIDATES[:2]:
             configs.FWD_GPU = cfg
             timed("fwd " + json.dumps(dataclasses.asdict(cfg)))
         configs.FWD_GPU = saved[0]
-        for cfg in configs.BWD_CANDIDATES:
+        for cfg in configs.BWD_CANDIDATES if full else configs.BWD_CANDIDATES[:2]:
             configs.BWD_GPU = cfg
             timed("bwd " + json.dumps(dataclasses.asdict(cfg)))
         configs.BWD_GPU = saved[1]
-        for chunk in (1024, 4096, 8192):
+        for chunk in (1024, 4096, 8192) if full else (4096,):
             configs.BWD_VOCAB_CHUNK = chunk
             timed(f"chunk {chunk}")
     finally:
@@ -231,7 +295,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results/gpu"))
     ap.add_argument("--model", default=GPU_TARGET[0], choices=sorted(MODELS))
     ap.add_argument("--tokens", type=int, default=GPU_TARGET[1])
-    ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: correctness providers sweep")
+    ap.add_argument("--skip", nargs="*", default=[],
+                    help="sections to skip: correctness losses providers sweep")
+    ap.add_argument("--full-sweep", action="store_true", help="every tile candidate, chunks 1024/4096/8192")
     ap.add_argument("--providers", nargs="*", default=list(PROVIDERS))
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = ap.parse_args(argv)
@@ -248,6 +314,8 @@ def main(argv=None) -> int:
     t_start = time.time()
     if "correctness" not in args.skip:
         section(summary, "correctness", check_correctness, rec, summary, shape, n)
+    if "losses" not in args.skip:
+        section(summary, "losses", check_losses, rec, summary, shape, n)
     section(summary, "gemm_ceiling", gemm_ceiling, rec, summary)
     torch.backends.cuda.matmul.allow_tf32 = True
     h, w, y = make_inputs(n, shape, torch.bfloat16, seed=3, ignore_frac=0.0)
@@ -262,14 +330,15 @@ def main(argv=None) -> int:
                 section(summary, f"{name}/{entropy}", time_provider, rec, summary, name, shape, n, h, w, y,
                         entropy, modes)
     if "sweep" not in args.skip:
-        section(summary, "sweep", sweep, rec, summary, shape, n, h, w, y)
+        section(summary, "sweep", sweep, rec, summary, shape, n, h, w, y, args.full_sweep)
     summary["wall_s"] = time.time() - t_start
     os.makedirs(args.out, exist_ok=True)
     rec.write(os.path.join(args.out, "gpu_check.csv"))
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print_table(summary)
-    return 0 if summary.get("correctness", {}).get("passed", True) and "errors" not in summary else 1
+    ok = all(summary.get(k, {}).get("passed", True) for k in ("correctness", "losses"))
+    return 0 if ok and "errors" not in summary else 1
 
 
 def print_table(summary):
@@ -282,6 +351,10 @@ def print_table(summary):
             if isinstance(v, dict):
                 print(f"  {k:10s} ours {v['ours_rel_err']:.2e}  naive-bf16 {v['naive_bf16_rel_err']:.2e}  "
                       f"rule-violations {v['cce_rule_violation_frac']:.1e}")
+    if "losses" in summary:
+        print(f"losses passed={summary['losses']['passed']}: " + "; ".join(
+            f"{k} " + " ".join(f"{m}={v:.1e}" for m, v in vals.items())
+            for k, vals in summary["losses"].items() if isinstance(vals, dict)))
     floor = summary.get("lm_head_gemm", {}).get("fwd+bwd_ms")
     if "gemm_8192_tflops" in summary:
         print(f"bf16 GEMM ceiling {summary['gemm_8192_tflops']:.0f} TFLOP/s; "
