@@ -5,9 +5,10 @@
 
 Sections (--sections):
   target   each op (logprob, logprob_entropy, grpo, pacs) x provider at the device's target shape
-           (GPU: N=8192, H=4096, V=151936, bf16; CPU: N=1024, H=896, V=151936, fp32): modes fwd+bwd,
-           fwd, no-grad; peak extra memory (CUDA allocator, or a fresh process's peak RSS on CPU); the bare
-           lm-head GEMM forward+backward of the same shape (the floor) and its TFLOP/s.
+           (GPU: N=8192, H=4096, V=151936, bf16; CPU: N=1024, H=896, V=151936, fp32): modes fwd+bwd and
+           fwd for every provider, plus bwd and no-grad for ours; 1/8 of each sequence is a masked prompt
+           (as in RL: those rows are not scored); peak extra memory (CUDA allocator, or a fresh process's
+           peak RSS on CPU); the bare lm-head GEMM forward+backward of the same shape (the floor).
   scaling  log-prob+entropy, ours vs plain torch: time and memory against tokens, and against the
            vocabularies of real models.
 Rows go to results.csv (bench.harness format: ratios are derived from rows of the same run); `python -m
@@ -98,8 +99,15 @@ class Bench:
         def full():
             return torch.autograd.grad(prob.step(provider), prob.grads())
 
+        retained = {}
+
+        def bwd():
+            if "loss" not in retained:
+                retained["loss"] = prob.step(provider)
+            return torch.autograd.grad(retained["loss"], prob.grads(), retain_graph=True)
+
         for mode in modes:
-            fn = {"fwd+bwd": full, "fwd": lambda: prob.step(provider),
+            fn = {"fwd+bwd": full, "fwd": lambda: prob.step(provider), "bwd": bwd,
                   "nograd": lambda: prob.step(provider, grad=False)}[mode]
             t = self.timing(fn)
             res[mode] = t.median_ms
@@ -140,7 +148,8 @@ class Bench:
             for provider in OP_PROVIDERS[op]:
                 if not available(provider):
                     continue
-                modes = ("fwd+bwd", "fwd", "nograd") if provider == "fused-rlvr" else ("fwd+bwd",)
+                ours = provider == "fused-rlvr"
+                modes = ("fwd+bwd", "fwd", "bwd", "nograd") if ours else ("fwd+bwd", "fwd")
                 r = self.guarded(f"{op}/{provider}", self.one, op, provider, shape, n, modes=modes)
                 if r:
                     if floor:
@@ -162,7 +171,8 @@ class Bench:
                                  MODELS[model], tokens, x_name="tokens", x=tokens, mem=True)
                 out[f"tokens/{provider}/{tokens}"] = r
             for vm in vocab_models:
-                shape = MODELS[vm] if self.cuda else ModelShape(vm, MODELS[model].hidden, MODELS[vm].vocab)
+                # the target's hidden size with each model's vocabulary (and softcap): only V varies
+                shape = ModelShape(vm, MODELS[model].hidden, MODELS[vm].vocab, MODELS[vm].softcap)
                 r = self.guarded(f"scale-vocab/{provider}/{vm}", self.one, "logprob_entropy", provider, shape,
                                  n // 2 if not self.cuda else n, x_name="vocab", x=shape.vocab, mem=True)
                 out[f"vocab/{provider}/{shape.vocab}"] = r

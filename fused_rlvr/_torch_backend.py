@@ -1,7 +1,7 @@
 """Chunked PyTorch path (CPU users, and the fallback): same algorithm as the Triton kernels.
 
 Logits are computed for one block of rows x one chunk of the vocabulary at a time, so the extra memory
-is a few [rows, chunk] fp32 buffers (FUSED_RLVR_TORCH_CHUNK_BYTES each, 4 MiB by default) plus, when the
+is a few [rows, chunk] fp32 buffers (FUSED_RLVR_TORCH_CHUNK_BYTES each, 2 MiB by default) plus, when the
 hidden states are not fp32, an fp32 d_hidden accumulator; never [N, V].
 """
 
@@ -18,7 +18,7 @@ MIN_CHUNK = 64
 
 
 def _chunk_bytes() -> int:
-    return int(os.environ.get("FUSED_RLVR_TORCH_CHUNK_BYTES", str(4 << 20)))
+    return int(os.environ.get("FUSED_RLVR_TORCH_CHUNK_BYTES", str(2 << 20)))
 
 
 def _blocks(n_rows: int, vocab: int) -> tuple[int, int]:
@@ -75,20 +75,25 @@ def backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_ent
     dh = None
     if need_dh:
         dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-    dw = torch.empty_like(weight) if need_dw else None
+    # an fp32 weight's gradient accumulates in place; other dtypes through one fp32 [chunk, H] buffer
+    fp32_w = weight.dtype == torch.float32
+    dw = (torch.zeros_like(weight) if fp32_w else torch.empty_like(weight)) if need_dw else None
     db = torch.empty(vocab, dtype=torch.float32, device=hidden.device) if need_db else None
     for v0 in range(0, vocab, chunk):
         v1 = min(vocab, v0 + chunk)
         w_chunk = weight[v0:v1].float()
-        dw_chunk = torch.zeros_like(w_chunk) if need_dw else None
+        dw_chunk = None
+        if need_dw:
+            dw_chunk = dw[v0:v1] if fp32_w else torch.zeros_like(w_chunk)
         db_chunk = torch.zeros(v1 - v0, dtype=torch.float32, device=hidden.device) if need_db else None
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             h = hidden[r0:r1]
             z, t = _logits(h, weight, bias, v0, v1, params)
             logp = z.sub_(lse[r0:r1].unsqueeze(1))
-            p = logp.exp()
-            # dz = g_lp (1[v = y] - p) - g_H p (log p + H), built in the logp / p buffers
+            # dz = g_lp (1[v = y] - p) - g_H p (log p + H), built in the logp / p buffers (one buffer
+            # when only the log-probs have an upstream gradient)
+            p = logp.exp() if grad_entropy is not None else logp.exp_()
             if grad_entropy is not None:
                 coef = logp.add_(entropy[r0:r1].unsqueeze(1)).mul_(grad_entropy[r0:r1].unsqueeze(1))
                 if grad_logprob is not None:
@@ -109,7 +114,7 @@ def backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_ent
                 dw_chunk.addmm_(dz.T, h.float())
             if need_db:
                 db_chunk += dz.sum(0)
-        if need_dw:
+        if need_dw and not fp32_w:
             dw[v0:v1] = dw_chunk
         if need_db:
             db[v0:v1] = db_chunk

@@ -17,7 +17,7 @@ from fused_rlvr._validation import (
     positive_finite,
 )
 from fused_rlvr.advantages import SteerConfig, steer_weights
-from fused_rlvr.linear_logprobs import LinearLogprobFunction, forward_stats, make_params
+from fused_rlvr.linear_logprobs import fused_token_stats, make_params
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "k1+", "k2+", "k3+")
 IMPORTANCE = ("token", "sequence")
@@ -242,7 +242,7 @@ def linear_grpo_loss(
     y = torch.where(m > 0, targets, torch.full_like(targets, ignore))
     moments = steer is not None and steer.mode == "exact"
     lp_params = make_params(hidden, weight, y, bias, temperature, softcap, ignore, backend, moments)
-    lp, ent, p2, p2logp = _fused(hidden, weight, bias, y, lp_params)
+    lp, ent, p2, p2logp = fused_token_stats(hidden, weight, bias, y, lp_params)
 
     # 2. STEER weights (no grad) and 3. the per-token epilogue feeding the fused backward
     sw = None
@@ -257,16 +257,6 @@ def linear_grpo_loss(
     else:
         loss, parts = grpo_token_loss_torch(lp, ent, old, ref, adv, m, sw, params, inv_divisor)
     return loss, _stats(parts, sw, m)
-
-
-def _fused(hidden, weight, bias, targets, params):
-    """(lp, entropy, sum_p2, sum_p2_logp): the moments are None unless params.moments."""
-    tracked = (hidden, weight) + (() if bias is None else (bias,))
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
-        out = LinearLogprobFunction.apply(hidden, weight, bias, targets, params)
-        return out if params.moments else (*out, None, None)
-    stats = forward_stats(hidden, weight, bias, targets, params)
-    return stats["logprob"], stats["entropy"], stats.get("sum_p2"), stats.get("sum_p2_logp")
 
 
 def _check_grpo_inputs(hidden, targets, advantages, beta, kl, eps_low, eps_high, dual_clip, importance, agg,

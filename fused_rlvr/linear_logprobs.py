@@ -173,13 +173,19 @@ def linear_logprobs(
     The target-range check costs a device sync: see `fused_rlvr.set_target_check` to skip it.
     """
     params = make_params(hidden, weight, targets, bias, temperature, softcap, ignore_index, backend)
+    lp, ent, _, _ = fused_token_stats(hidden, weight, bias, targets, params)
+    return TokenStats(lp, ent if return_entropy else None)
+
+
+def fused_token_stats(hidden, weight, bias, targets, params: LogprobParams):
+    """(logprob, entropy, sum_p2, sum_p2_logp): through autograd when a parameter needs a gradient, else a
+    bare forward that saves nothing. The moments are None unless params.moments (they carry no gradient)."""
     tracked = (hidden, weight) + (() if bias is None else (bias,))
     if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
-        lp, ent = LinearLogprobFunction.apply(hidden, weight, bias, targets, params)
-    else:
-        stats = forward_stats(hidden, weight, bias, targets, params)
-        lp, ent = stats["logprob"], stats["entropy"]
-    return TokenStats(lp, ent if return_entropy else None)
+        out = LinearLogprobFunction.apply(hidden, weight, bias, targets, params)
+        return out if params.moments else (*out, None, None)
+    stats = forward_stats(hidden, weight, bias, targets, params)
+    return stats["logprob"], stats["entropy"], stats.get("sum_p2"), stats.get("sum_p2_logp")
 
 
 @torch.no_grad()

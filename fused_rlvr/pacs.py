@@ -9,8 +9,7 @@ import torch
 from fused_rlvr._kernels import kernel_module
 from fused_rlvr._validation import as_mask, check_tensor, non_negative, one_of, per_token, positive_finite
 from fused_rlvr.advantages import group_index
-from fused_rlvr.grpo import _fused
-from fused_rlvr.linear_logprobs import make_params
+from fused_rlvr.linear_logprobs import fused_token_stats, make_params
 
 BASELINES = ("rloo", "grpo", "none")
 
@@ -132,7 +131,7 @@ def linear_pacs_loss(
     old = per_token("old_logprobs", old_logprobs, b_t, allow_none=False)
     y = torch.where(m > 0, targets, torch.full_like(targets, -100))
     params = make_params(hidden, weight, y, bias, temperature, softcap, -100, backend)
-    lp, _ent, _, _ = _fused(hidden, weight, bias, y, params)
+    lp, _ent, _, _ = fused_token_stats(hidden, weight, bias, y, params)
     if params.backend == "triton":
         scores = _SequenceScoreTriton.apply(lp, old, m, beta, params.interpret)
     else:

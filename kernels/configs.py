@@ -20,7 +20,9 @@ class TileConfig:
     num_warps: int = 8
     num_stages: int = 3
     GROUP_N: int = 8
-    FLATTEN: bool = False  # forward: let the pipeliner flatten the vocab-tile and K loops into one
+    # forward: let the pipeliner flatten the vocab-tile and K loops into one. Off: on an H100 (triton 3.6)
+    # it took the forward from 18.1 ms to 30.8 ms (bench/results/h100-run2).
+    FLATTEN: bool = False
 
     def as_launch(self) -> dict:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
@@ -30,14 +32,14 @@ class TileConfig:
 # H100 (bench/results/h100-run1, N=8192 H=4096 V=151936 bf16): 128x256 tiles 18.2 ms, 128x128 21.0 ms.
 FWD_GPU = TileConfig(BLOCK_N=128, BLOCK_V=256, BLOCK_K=64, num_warps=8, num_stages=3, GROUP_N=8)
 # Backward logit-gradient tiles: a plain GEMM tile with a softmax-gradient epilogue.
-# H100, same shape: fwd+bwd 73.8 ms with 128x256 tiles, 79.9 ms with 128x128.
+# H100, same shape: fwd+bwd 73.8 ms with 128x256 tiles, 79.9 ms with 128x128 (run 1); num_stages=4: 78.1 vs
+# 71.5 ms (run 2).
 BWD_GPU = TileConfig(BLOCK_N=128, BLOCK_V=256, BLOCK_K=64, num_warps=8, num_stages=3, GROUP_N=8)
 # Interpreter (CPU): small tiles so odd shapes exercise the masks, large enough to stay quick.
 INTERPRET = TileConfig(BLOCK_N=16, BLOCK_V=32, BLOCK_K=16, num_warps=1, num_stages=1, GROUP_N=2)
 
 FWD_CANDIDATES = (
     FWD_GPU,
-    replace(FWD_GPU, FLATTEN=True),
     replace(FWD_GPU, num_stages=4),
     replace(FWD_GPU, BLOCK_N=256, BLOCK_V=128),
     replace(FWD_GPU, BLOCK_V=128),
@@ -50,7 +52,9 @@ BWD_CANDIDATES = (
 )
 
 # Width of one vocabulary chunk of logit gradients staged for the d_hidden / d_weight GEMMs in the
-# backward; the staging buffer is [valid rows, chunk] in the input dtype.
+# backward; the staging buffer is [valid rows, chunk] in the input dtype. H100 run 2: 4096 gives fwd+bwd
+# 68.6 ms vs 72.0 ms at 2048 (fewer read-modify-writes of the fp32 d_hidden accumulator) for 32 MiB more
+# staging at N=8192; 2048 stays the default for memory, the variable trades it for speed.
 BWD_VOCAB_CHUNK = int(os.environ.get("FUSED_RLVR_BWD_VOCAB_CHUNK", "2048"))
 # Target number of programs for the forward's vocabulary split (fills the SMs when N is small).
 FWD_TARGET_PROGRAMS = 1024
