@@ -30,13 +30,16 @@ def _blocks(n_rows: int, vocab: int) -> tuple[int, int]:
 def _logits(h, weight, bias, v0, v1, params):
     """fp32 logits of rows h for vocab [v0, v1), and tanh(u / s) when softcapped (for the chain rule)."""
     # fp32 logits from fp32 operands: only the [chunk, H] slice of the weight is upcast at a time
-    z = torch.nn.functional.linear(
-        h.float(), weight[v0:v1].float(), None if bias is None else bias[v0:v1].float()
-    )
-    t = None
-    if params.softcap is not None:
-        t = z.div_(params.softcap).tanh_()
-        z = t * params.softcap
+    b = None if bias is None else bias[v0:v1].float()
+    h = h.float()
+    if params.softcap is None:
+        if params.temperature != 1.0:  # fold 1/T into the small operands: no pass over the logits
+            h = h * (1.0 / params.temperature)
+            b = None if b is None else b * (1.0 / params.temperature)
+        return torch.nn.functional.linear(h, weight[v0:v1].float(), b), None
+    z = torch.nn.functional.linear(h, weight[v0:v1].float(), b)
+    t = z.div_(params.softcap).tanh_()
+    z = t * params.softcap
     return z.mul_(1.0 / params.temperature), t
 
 
@@ -91,21 +94,21 @@ def backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_ent
             h = hidden[r0:r1]
             z, t = _logits(h, weight, bias, v0, v1, params)
             logp = z.sub_(lse[r0:r1].unsqueeze(1))
-            # dz = g_lp (1[v = y] - p) - g_H p (log p + H), built in the logp / p buffers (one buffer
-            # when only the log-probs have an upstream gradient)
+            # du = [g_lp (1[v = y] - p) - g_H p (log p + H)] / T, built in the logp / p buffers (one buffer
+            # when only the log-probs have an upstream gradient); the per-row factors carry -1/T
+            scale = -1.0 / params.temperature
             p = logp.exp() if grad_entropy is not None else logp.exp_()
             if grad_entropy is not None:
-                coef = logp.add_(entropy[r0:r1].unsqueeze(1)).mul_(grad_entropy[r0:r1].unsqueeze(1))
+                coef = logp.add_(entropy[r0:r1].unsqueeze(1)).mul_(scale * grad_entropy[r0:r1].unsqueeze(1))
                 if grad_logprob is not None:
-                    coef.add_(grad_logprob[r0:r1].unsqueeze(1))
+                    coef.add_(scale * grad_logprob[r0:r1].unsqueeze(1))
             else:
-                coef = grad_logprob[r0:r1].unsqueeze(1)
-            dz = p.mul_(coef).neg_()
+                coef = scale * grad_logprob[r0:r1].unsqueeze(1)
+            dz = p.mul_(coef)
             if grad_logprob is not None:
                 y = targets[r0:r1] - v0
                 hit = ((y >= 0) & (y < v1 - v0)).nonzero().squeeze(1)
-                dz[hit, y[hit]] += grad_logprob[r0:r1][hit]
-            dz.mul_(1.0 / params.temperature)
+                dz[hit, y[hit]] -= scale * grad_logprob[r0:r1][hit]
             if t is not None:
                 dz.mul_(1.0 - t.square_())
             if need_dh:
