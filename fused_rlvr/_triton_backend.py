@@ -1,8 +1,8 @@
 """Triton path: the kernels of `kernels/linear_logprob.py` plus the GEMMs that turn logit gradients into
 parameter gradients.
 
-Backward, per vocabulary chunk of width C (configs.BWD_VOCAB_CHUNK): the dlogits kernel recomputes the
-logit tiles and writes du [N, C] in the input dtype; then
+Backward, per vocabulary chunk of width C (configs.bwd_vocab_chunk: 2048 at N=8192): the dlogits kernel
+recomputes the logit tiles and writes du [N, C] in the input dtype; then
     d_weight[chunk] = du^T h            (one GEMM over all rows, written straight into the output)
     d_hidden       += du W[chunk]       (fp32 accumulator across chunks, never a bf16 running sum)
     d_bias[chunk]   = sum_rows du       (fp32)
@@ -50,7 +50,7 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 def backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy, params, needs):
     need_dh, need_dw, need_db = needs
     n, vocab = hidden.shape[0], weight.shape[0]
-    chunk = min(vocab, INTERPRET_VOCAB_CHUNK if params.interpret else configs.BWD_VOCAB_CHUNK)
+    chunk = min(vocab, INTERPRET_VOCAB_CHUNK if params.interpret else configs.bwd_vocab_chunk(n))
     staging = torch.empty((n, chunk), dtype=hidden.dtype, device=hidden.device)
     dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_dh else None
     dw = torch.empty_like(weight) if need_dw else None

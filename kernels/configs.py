@@ -55,7 +55,21 @@ BWD_CANDIDATES = (
 # backward; the staging buffer is [valid rows, chunk] in the input dtype. H100 run 2: 4096 gives fwd+bwd
 # 68.6 ms vs 72.0 ms at 2048 (fewer read-modify-writes of the fp32 d_hidden accumulator) for 32 MiB more
 # staging at N=8192; 2048 stays the default for memory, the variable trades it for speed.
-BWD_VOCAB_CHUNK = int(os.environ.get("FUSED_RLVR_BWD_VOCAB_CHUNK", "2048"))
+# The chunk comes from a staging budget of BWD_STAGING_ELEMS elements (32 MiB in bf16): 2048 columns at
+# N=8192, more at small N, where 75 chunks of tiny GEMMs made 1024 tokens slower than plain torch
+# (h100-run3: 15.2 vs 8.7 ms). FUSED_RLVR_BWD_VOCAB_CHUNK fixes the width instead.
+BWD_STAGING_ELEMS = 2048 * 8192
+BWD_VOCAB_CHUNK_MIN = 2048
+BWD_VOCAB_CHUNK_MAX = 16384
+BWD_VOCAB_CHUNK = int(os.environ.get("FUSED_RLVR_BWD_VOCAB_CHUNK", "0"))  # 0: from the budget
+
+
+def bwd_vocab_chunk(n_rows: int) -> int:
+    """Vocabulary columns per backward chunk for n_rows valid rows (a multiple of 256)."""
+    if BWD_VOCAB_CHUNK > 0:
+        return BWD_VOCAB_CHUNK
+    width = (BWD_STAGING_ELEMS // max(n_rows, 1)) // 256 * 256
+    return max(BWD_VOCAB_CHUNK_MIN, min(BWD_VOCAB_CHUNK_MAX, width))
 # Target number of programs for the forward's vocabulary split (fills the SMs when N is small).
 FWD_TARGET_PROGRAMS = 1024
 FWD_MAX_SPLITS = 64

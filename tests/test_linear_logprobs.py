@@ -240,3 +240,15 @@ def test_gpu_triton_matches_reference(dtype):
         check_fp32(out, ref)
     else:
         check_cce_rule(out, ref, naive(h, w, y, b, g_lp, g_ent, softcap=30.0, temperature=0.9), rel_tol=2**-7)
+
+
+def test_backward_vocab_chunk_from_staging_budget(monkeypatch):
+    from fused_rlvr.kernels import configs
+
+    monkeypatch.setattr(configs, "BWD_VOCAB_CHUNK", 0)
+    assert configs.bwd_vocab_chunk(8192) == 2048  # the measured target shape keeps its chunk
+    assert configs.bwd_vocab_chunk(1024) == 16384  # small batches: fewer, larger GEMMs
+    assert configs.bwd_vocab_chunk(3000) == 5376 and configs.bwd_vocab_chunk(3000) % 256 == 0
+    assert configs.bwd_vocab_chunk(100_000) == 2048  # floor: staging grows with N past 8192 rows
+    monkeypatch.setattr(configs, "BWD_VOCAB_CHUNK", 4096)
+    assert configs.bwd_vocab_chunk(1024) == 4096  # FUSED_RLVR_BWD_VOCAB_CHUNK fixes the width
