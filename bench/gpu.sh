@@ -16,5 +16,5 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv \
   | tee "$OUT/nvidia-smi.txt"
 timeout "${PYTEST_S:-90}" python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -15 | tee "$OUT/pytest_gpu.txt"
-timeout "${CHECK_S:-150}" python3 -m bench.gpu_check --out "$OUT" --skip providers 2>&1 | tee "$OUT/gpu_check.log"
+timeout "${CHECK_S:-150}" python3 -m bench.gpu_check --out "$OUT" 2>&1 | tee "$OUT/gpu_check.log"
 timeout "${RUN_S:-240}" python3 -m bench.run --device cuda --out "$OUT/run" 2>&1 | tee "$OUT/run/run.log"

@@ -1,16 +1,15 @@
-"""GPU check in one call: correctness at the target shape, then timings and memory of every provider.
+"""GPU check in one call: correctness of the op and the losses at the target shape, the floor, a sweep.
 
-    python -m bench.gpu_check --out bench/results/<gpu>     # about 3-5 minutes on an H100
+    python -m bench.gpu_check --out bench/results/<gpu>     # about 1 minute on an H100
 
-Target shape (bench.shapes.GPU_TARGET): N=8192 tokens, H=4096, V=151936, bf16.
+Target shape (bench.shapes.GPU_TARGET): N=8192 tokens, H=4096, V=151936, bf16, every row scored.
 1. Correctness: ours vs an fp32 ground truth (TF32 off) and the naive bf16 path, for log-probs, entropy,
-   d_hidden and d_weight (norm errors and CCE's elementwise rule).
+   d_hidden and d_weight (norm errors and CCE's elementwise rule); GRPO and PACS through the Triton
+   epilogue vs plain torch.
 2. Ceilings: a bf16 8192^3 GEMM (TFLOP/s) and the bare lm-head GEMM forward+backward of the target shape
    (the floor: 3 GEMMs, 6 N H V flops).
-3. Timings (median, p20, p80 by CUDA events) and peak extra memory for: ours (no-grad forward, forward,
-   backward, forward+backward; log-prob only and log-prob+entropy), plain torch, torch.compile chunked,
-   Liger FLCE and Cut Cross-Entropy (log-prob only: neither has entropy).
-4. A sweep of the kernels' tile configs and the backward's vocabulary chunk.
+3. A sweep of the kernels' tile configs and the backward's vocabulary chunk (ours, no-grad and fwd+bwd).
+Every provider side by side (timings, memory, scaling) is bench.run's job.
 Writes gpu_check.csv (bench.harness format) and summary.json under --out; prints a table last.
 """
 
@@ -26,8 +25,8 @@ import traceback
 
 import torch
 
-from bench.harness import Recorder, cuda_peak_extra, device_name, time_fn, versions
-from bench.providers import PROVIDERS, NotSupported, available
+from bench.harness import Recorder, device_name, time_fn, versions
+from bench.providers import PROVIDERS
 from bench.shapes import GPU_TARGET, MODELS
 from fused_rlvr.kernels import configs
 from fused_rlvr.reference import reference_logprobs
@@ -163,57 +162,6 @@ def gemm_ceiling(rec, summary):
     summary["gemm_8192_tflops"] = tflops
 
 
-def time_provider(rec, summary, name, shape, n, h, w, y, entropy, modes):
-    fn = PROVIDERS[name]
-    op = "logprob_entropy" if entropy else "logprob"
-    g_lp = torch.randn(n, device=DEV)
-    g_ent = torch.randn(n, device=DEV)
-    hh = h.detach().requires_grad_()
-    ww = w.detach().requires_grad_()
-    tag = f"H={shape.hidden},V={shape.vocab}"
-    res = {}
-
-    def fwd():
-        return fn(hh, ww, y, softcap=shape.softcap, entropy=entropy)
-
-    def loss_of(lp, ent):
-        return (lp * g_lp).sum() + ((ent * g_ent).sum() if ent is not None else 0.0)
-
-    def full():
-        return torch.autograd.grad(loss_of(*fwd()), (hh, ww))
-
-    try:
-        full()  # compile / warm up; raises NotSupported early
-    except NotSupported as e:
-        summary.setdefault("not_supported", {})[f"{name}/{op}"] = str(e)
-        return None
-    if "nograd" in modes:
-        with torch.no_grad():
-            res["nograd"] = time_fn(fwd, DEV)
-    if "fwd" in modes:
-        res["fwd"] = time_fn(fwd, DEV)
-    if "bwd" in modes:
-        lp, ent = fwd()
-        loss = loss_of(lp, ent)
-        res["bwd"] = time_fn(lambda: torch.autograd.grad(loss, (hh, ww), retain_graph=True), DEV)
-        del lp, ent, loss
-    res["fwd+bwd"] = time_fn(full, DEV)
-    mem = cuda_peak_extra(full, DEV) if DEV == "cuda" else 0
-    grads = hh.numel() * hh.element_size() + ww.numel() * ww.element_size()
-    logits = n * shape.vocab * 4
-    for mode, t in res.items():
-        for metric in ("median_ms", "p20_ms", "p80_ms"):
-            rec.add(op, name, mode, metric, getattr(t, metric), x_name="N", x=n, shape=tag, dtype="bf16")
-    rec.add(op, name, "fwd+bwd", "peak_extra_bytes", mem, x_name="N", x=n, shape=tag, dtype="bf16")
-    rec.add(op, name, "fwd+bwd", "added_over_fp32_logits", (mem - grads) / logits, x_name="N", x=n, shape=tag,
-            dtype="bf16")
-    out = {m: t.median_ms for m, t in res.items()}
-    out["peak_extra_mib"] = mem / MIB
-    out["added_over_fp32_logits"] = (mem - grads) / logits
-    summary.setdefault("providers", {})[f"{name}/{op}"] = out
-    return out
-
-
 def bare_gemm(rec, summary, shape, n, h, w):
     g = torch.randn(n, shape.vocab, device=DEV, dtype=h.dtype)
     fwd = time_fn(lambda: h @ w.T, DEV)
@@ -296,9 +244,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=GPU_TARGET[0], choices=sorted(MODELS))
     ap.add_argument("--tokens", type=int, default=GPU_TARGET[1])
     ap.add_argument("--skip", nargs="*", default=[],
-                    help="sections to skip: correctness losses providers sweep")
+                    help="sections to skip: correctness losses sweep")
     ap.add_argument("--full-sweep", action="store_true", help="every tile candidate, chunks 1024/4096/8192")
-    ap.add_argument("--providers", nargs="*", default=list(PROVIDERS))
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = ap.parse_args(argv)
     global DEV
@@ -320,15 +267,6 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     h, w, y = make_inputs(n, shape, torch.bfloat16, seed=3, ignore_frac=0.0)
     section(summary, "bare_gemm", bare_gemm, rec, summary, shape, n, h, w)
-    if "providers" not in args.skip:
-        for entropy in (True, False):
-            for name in args.providers:
-                if not available(name):
-                    summary.setdefault("not_installed", []).append(name)
-                    continue
-                modes = ("nograd", "fwd", "bwd") if name == "fused-rlvr" else ()
-                section(summary, f"{name}/{entropy}", time_provider, rec, summary, name, shape, n, h, w, y,
-                        entropy, modes)
     if "sweep" not in args.skip:
         section(summary, "sweep", sweep, rec, summary, shape, n, h, w, y, args.full_sweep)
     summary["wall_s"] = time.time() - t_start
@@ -359,11 +297,6 @@ def print_table(summary):
     if "gemm_8192_tflops" in summary:
         print(f"bf16 GEMM ceiling {summary['gemm_8192_tflops']:.0f} TFLOP/s; "
               f"lm-head GEMM fwd+bwd floor {floor} ms")
-    for key, v in summary.get("providers", {}).items():
-        ratio = f"{v['fwd+bwd'] / floor:.2f}x floor" if floor else ""
-        parts = " ".join(f"{m}={v[m]:.1f}ms" for m in ("nograd", "fwd", "bwd", "fwd+bwd") if m in v)
-        print(f"  {key:40s} {parts}  {ratio}  extra {v['peak_extra_mib']:.0f} MiB "
-              f"(added {v['added_over_fp32_logits']:.2%} of fp32 logits)")
     for k, v in summary.get("sweep", {}).items():
         print(f"  sweep {k}: {v}")
     for k in summary.get("errors", {}):
