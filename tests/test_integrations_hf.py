@@ -1,0 +1,214 @@
+"""fused_rlvr.integrations.hf against the models' own logits, on tiny randomly initialised HF models."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+from _helpers import BACKENDS, rel_err  # noqa: E402
+
+from fused_rlvr.integrations.hf import (  # noqa: E402
+    LMHead,
+    last_hidden_states,
+    lm_head,
+    sequence_token_stats,
+    shifted_targets,
+)
+
+V = 101  # not a multiple of any tile
+SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+
+
+def _model(arch):
+    t = transformers
+    if arch == "llama":  # untied head (SmolLM2 is a Llama)
+        return t.LlamaForCausalLM(t.LlamaConfig(**SMALL, tie_word_embeddings=False))
+    if arch == "qwen2-tied":
+        return t.Qwen2ForCausalLM(t.Qwen2Config(**SMALL, tie_word_embeddings=True))
+    if arch == "gemma2-softcap":  # tied, final_logit_softcapping, embedding normaliser on the inputs
+        return t.Gemma2ForCausalLM(t.Gemma2Config(**SMALL, head_dim=8, final_logit_softcapping=2.0))
+    if arch == "gpt2":  # tied, base model under .transformer, final LayerNorm ln_f
+        return t.GPT2LMHeadModel(t.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                              bos_token_id=0, eos_token_id=0))
+    if arch == "phi-bias":  # lm_head with a bias
+        return t.PhiForCausalLM(t.PhiConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4))
+    raise AssertionError(arch)
+
+
+ARCHS = ["llama", "qwen2-tied", "gemma2-softcap", "gpt2", "phi-bias"]
+
+
+def _batch(b=3, t=11, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (b, t), generator=g)
+    attn = torch.ones_like(ids)
+    attn[0, :3] = 0  # left padding
+    resp = torch.zeros_like(ids)
+    resp[:, 6:] = 1  # the last 5 tokens are the response
+    resp[1, -2:] = 0  # right padding of the response
+    return ids, attn, resp
+
+
+def _reference(model, ids, attn, resp, temperature):
+    """Materialised logits from the model's own forward: log_softmax(logits[:, :-1] / T) gathered at ids[:, 1:]."""
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float() / temperature
+    logp = torch.log_softmax(logits, -1)
+    valid = resp[:, 1:] > 0
+    lp = logp.gather(-1, ids[:, 1:, None])[..., 0]
+    ent = -(logp.exp() * logp).sum(-1)
+    return torch.where(valid, lp, 0.0), torch.where(valid, ent, 0.0)
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sequence_token_stats_match_model_logits(arch):
+    ours = _model(arch).float().eval()
+    ref = copy.deepcopy(ours)
+    ids, attn, resp = _batch()
+    temperature = 0.7
+    g_lp = torch.randn(ids.shape[0], ids.shape[1] - 1)
+    g_ent = torch.randn(ids.shape[0], ids.shape[1] - 1)
+
+    lp, ent = sequence_token_stats(ours, ids, attn, resp, temperature=temperature, backend="torch")
+    ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+    r_lp, r_ent = _reference(ref, ids, attn, resp, temperature)
+    ((r_lp * g_lp).sum() + (r_ent * g_ent).sum()).backward()
+
+    assert lp.shape == ent.shape == (3, 10)
+    valid = resp[:, 1:] > 0
+    assert (lp[~valid] == 0).all() and (ent[~valid] == 0).all()
+    assert rel_err(lp, r_lp) < 1e-5 and rel_err(ent, r_ent) < 1e-5
+    g_ours, g_ref = _grads(ours), _grads(ref)
+    assert g_ours.keys() == g_ref.keys() and len(g_ours) > 5
+    for name in g_ref:
+        assert rel_err(g_ours[name], g_ref[name]) < 1e-4, name
+
+
+def test_lm_head_reads_bias_softcap_and_tied_weight():
+    gemma = _model("gemma2-softcap")
+    head = lm_head(gemma)
+    assert head.softcap == 2.0 and head.bias is None
+    assert head.weight is gemma.get_input_embeddings().weight  # tied: one tensor, both gradients
+    phi = lm_head(_model("phi-bias"))
+    assert phi.bias is not None and phi.bias.shape == (V,) and phi.softcap is None
+    llama = _model("llama")
+    assert lm_head(llama).weight is llama.lm_head.weight and lm_head(llama).weight is not llama.model.embed_tokens.weight
+
+
+def test_last_hidden_states_are_what_the_head_sees():
+    model = _model("gemma2-softcap").float().eval()
+    ids, attn, _ = _batch()
+    hidden = last_hidden_states(model, ids, attn)
+    out = model(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+    head = lm_head(model)
+    z = hidden @ head.weight.T
+    z = head.softcap * torch.tanh(z / head.softcap)
+    assert hidden.shape == (3, 11, 32)
+    torch.testing.assert_close(z, out.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_no_logits_are_computed():
+    """The lm-head module is never called: the fused op reads its weight only."""
+    model = _model("llama").float()
+    model.lm_head.register_forward_hook(lambda *a: (_ for _ in ()).throw(AssertionError("lm_head was called")))
+    ids, attn, resp = _batch()
+    lp, _ = sequence_token_stats(model, ids, attn, resp)
+    lp.sum().backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_agree_and_masked_rows_are_zero(backend):
+    model = _model("qwen2-tied").float().eval()
+    ids, attn, resp = _batch(b=2, t=9)
+    with torch.no_grad():
+        lp, ent = sequence_token_stats(model, ids, attn, resp, backend=backend)
+        r_lp, r_ent = _reference(model, ids, attn, resp, 1.0)
+        none = sequence_token_stats(model, ids, attn, torch.zeros_like(resp), backend=backend)
+    assert rel_err(lp, r_lp) < 1e-5 and rel_err(ent, r_ent) < 1e-5
+    assert (none.logprobs == 0).all() and (none.entropy == 0).all()
+
+
+def test_bf16_autocast_uses_autocast_dtype():
+    model = _model("llama").float().eval()
+    ids, attn, resp = _batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        lp, _ = sequence_token_stats(model, ids, attn, resp)
+        r_lp, _ = _reference(model, ids, attn, resp, 1.0)  # bf16 logits under autocast
+    assert lp.dtype == torch.float32
+    valid = resp[:, 1:] > 0
+    assert (lp[valid] - r_lp[valid]).abs().max() < 0.05  # bf16 matmul on both sides
+
+
+def test_shift_convention():
+    ids = torch.tensor([[5, 6, 7, 8]])
+    resp = torch.tensor([[0, 0, 1, 1]])
+    assert shifted_targets(ids, resp).tolist() == [[-100, 7, 8]]
+    assert shifted_targets(ids, None).tolist() == [[6, 7, 8]]
+    with pytest.raises(ValueError, match="aligned with input_ids"):
+        shifted_targets(ids, resp[:, 1:])
+
+
+def test_lm_head_token_stats_equals_sequence_token_stats():
+    model = _model("gpt2").float().eval()
+    ids, attn, resp = _batch()
+    with torch.no_grad():
+        head = lm_head(model)
+        a = head.token_stats(last_hidden_states(model, ids, attn)[:, :-1], shifted_targets(ids, resp))
+        b = sequence_token_stats(model, ids, attn, resp)
+    assert isinstance(head, LMHead)
+    torch.testing.assert_close(a.logprobs, b.logprobs, rtol=0, atol=0)
+
+
+# --- clear errors, naming the model class -------------------------------------------------------------------
+
+
+def test_error_without_output_embedding():
+    base = transformers.LlamaModel(transformers.LlamaConfig(**SMALL))
+    with pytest.raises(ValueError, match="LlamaModel has no output embedding"):
+        lm_head(base)
+
+
+class _FakeLoraLinear(nn.Module):
+    """Shaped like peft.tuners.lora.Linear: base_layer plus lora_A / lora_B."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.ModuleDict({"default": nn.Linear(base.in_features, 2, bias=False)})
+        self.lora_B = nn.ModuleDict({"default": nn.Linear(2, base.out_features, bias=False)})
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x))
+
+
+def test_error_with_peft_adapter_on_lm_head():
+    model = _model("llama")
+    model.lm_head = _FakeLoraLinear(model.lm_head)
+    with pytest.raises(ValueError, match="lm-head of LlamaForCausalLM carries a PEFT adapter"):
+        lm_head(model)
+
+
+def test_error_with_non_linear_head():
+    model = _model("llama")
+    model.lm_head = nn.Sequential(nn.Linear(32, V))
+    with pytest.raises(TypeError, match="lm-head of LlamaForCausalLM is a Sequential"):
+        lm_head(model)
+
+
+def test_error_with_logit_scale():
+    cfg = transformers.CohereConfig(**SMALL, logit_scale=0.0625)
+    with pytest.raises(NotImplementedError, match="CohereForCausalLM rescales its logits by config.logit_scale"):
+        lm_head(transformers.CohereForCausalLM(cfg))
