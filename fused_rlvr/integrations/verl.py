@@ -1,0 +1,113 @@
+"""verl-style entry points: the fused log-prob + entropy call with verl's shapes and argument order.
+
+verl scores the actor with `use_fused_kernels=True` through one of two calls, both
+`(hidden_states [..., H], weight [V, H], labels [...], temperature) -> (log_probs [...], entropy [...])`:
+
+- `verl.utils.kernel.linear_cross_entropy.linear_cross_entropy(hidden, weight, labels, temperature,
+  reduction)` (its Triton kernel; needs H % 128 == 0, no ignore_index; a vocabulary tail bug in its
+  history), and
+- `verl.utils.experimental.torch_functional.FusedLinearForPPO(chunk_size)(hidden_states, vocab_weights,
+  input_ids, temperature)` (chunked torch, which still builds [chunk, V] logits).
+
+`linear_logprobs_entropy` / `linear_cross_entropy` / `FusedLinearForPPO` below take the same arguments and
+return the same pair, computed by `fused_rlvr.linear_logprobs`: no [tokens x V] logits in forward or backward,
+any H, any V. To swap them in, replace verl's names before the actor runs its first forward::
+
+    import verl.utils.kernel.linear_cross_entropy as verl_lce
+    import verl.utils.experimental.torch_functional as verl_tf
+    from fused_rlvr.integrations import verl as fused
+    verl_lce.linear_cross_entropy = fused.linear_cross_entropy
+    verl_tf.FusedLinearForPPO = fused.FusedLinearForPPO
+
+Differences: outputs are fp32 (verl's torch path returns the logits' dtype); tensor-parallel vocabulary
+sharding (verl's `dist_process_group`) is not supported.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fused_rlvr._validation import one_of
+from fused_rlvr.linear_logprobs import linear_logprobs
+
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def linear_logprobs_entropy(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    reduction: str = "none",
+    *,
+    bias: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
+    ignore_index: Optional[int] = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log_probs, entropy) of `labels` under `hidden_states @ weight.T / temperature`, without the logits.
+
+    Equals verl's reference (`_fused_linear_for_ppo_fwd`) in plain torch::
+
+        logits = (hidden_states @ weight.T) / temperature
+        log_probs = logits.log_softmax(-1).gather(-1, labels[..., None])[..., 0]
+        entropy = logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)
+
+    hidden_states [..., H] (e.g. [B, T, H] or packed [1, N, H]), labels [...] (e.g. verl's
+    `torch.roll(input_ids, -1, -1)`), outputs fp32 shaped like labels, differentiable w.r.t. hidden_states
+    and weight. reduction "sum" / "mean" reduces both outputs over all tokens (over the non-ignored ones for
+    "mean"). Extras verl's call lacks: bias, softcap (Gemma-2) and ignore_index (those labels give 0 and cost
+    no vocabulary work).
+    """
+    one_of("reduction", reduction, REDUCTIONS)
+    ignore = -100 if ignore_index is None else ignore_index
+    log_probs, entropy = linear_logprobs(hidden_states, weight, labels, bias=bias, temperature=temperature,
+                                         softcap=softcap, ignore_index=ignore, return_entropy=True,
+                                         backend=backend)
+    if reduction == "none":
+        return log_probs, entropy
+    if reduction == "sum":
+        return log_probs.sum(), entropy.sum()
+    count = (labels != ignore).sum().clamp(min=1)
+    return log_probs.sum() / count, entropy.sum() / count
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    reduction: str = "none",
+    dist_process_group=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop-in for `verl.utils.kernel.linear_cross_entropy.linear_cross_entropy` (same positional order)."""
+    if dist_process_group is not None:
+        raise NotImplementedError(
+            "fused_rlvr's linear_cross_entropy does not shard the vocabulary over a process group "
+            "(verl's tensor-parallel path); pass the full [V, H] weight with dist_process_group=None"
+        )
+    return linear_logprobs_entropy(hidden, weight, labels, temperature, reduction)
+
+
+class FusedLinearForPPO(torch.nn.Module):
+    """Drop-in for `verl.utils.experimental.torch_functional.FusedLinearForPPO`.
+
+    `chunk_size` is accepted for compatibility and ignored: the fused op picks its own tiles.
+    """
+
+    def __init__(self, chunk_size: int = 512, backend: str = "auto"):
+        super().__init__()
+        self.chunk_size = chunk_size
+        self.backend = backend
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        vocab_weights: torch.Tensor,
+        input_ids: torch.Tensor,
+        temperature: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return linear_logprobs_entropy(hidden_states, vocab_weights, input_ids, temperature,
+                                       backend=self.backend)

@@ -1,0 +1,279 @@
+"""FusedGRPOTrainer against TRL's own GRPOTrainer on a tiny randomly initialised Qwen2 (nothing downloaded).
+
+Both trainers load the same saved weights. The loss tests call `compute_loss` of each on the same prepared
+batch (TRL's own rollout: completions, advantages, old / reference log-probs), perturbed so that ratios clip on
+both sides, sequences have different lengths and the KL term is not zero, and compare the loss and the gradient
+of every parameter. The no-logits test runs our loss under a dispatch mode that fails on any tensor with a
+vocabulary-sized dimension larger than the lm-head weight itself (TRL's own path trips it: positive control).
+"""
+
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+trl = pytest.importorskip("trl", reason="TRL is not installed: pip install 'fused-rlvr[trl]'")
+
+from _helpers import rel_err  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from fused_rlvr.integrations.trl import FusedGRPOTrainer, add_fused_lm_head  # noqa: E402
+
+V = 300  # the chunked torch path below splits it into 64-column tiles; H = 16, so no other dim is 300
+H = 16
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 +=?"
+
+
+def _tokenizer():
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for c in CHARS:
+        vocab[c] = len(vocab)
+    while len(vocab) < V:
+        vocab[f"<x{len(vocab)}>"] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def _reward(completions, **kwargs):
+    return [float(sum(ch in "aeiou" for ch in c)) + 0.1 * len(c) for c in completions]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("tiny-qwen2"))
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=V, hidden_size=H, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, eos_token_id=1,
+                      bos_token_id=1, tie_word_embeddings=False)
+    Qwen2ForCausalLM(cfg).save_pretrained(folder)
+    _tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _trainer(cls, model_dir, tmp_dir, **config):
+    cfg = dict(output_dir=tmp_dir, per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
+               max_steps=1, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, beta=0.04,
+               num_iterations=2, loss_type="dapo", seed=0, bf16=False, disable_tqdm=True)
+    cfg.update(config)
+    ds = Dataset.from_dict({"prompt": ["1+2=", "3+4=", "ab?", "cd?"]})
+    trainer = cls(model=model_dir, reward_funcs=_reward, args=GRPOConfig(**cfg), train_dataset=ds,
+                  processing_class=_tokenizer())
+    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps  # set by train()
+    return trainer
+
+
+def _rollout(trainer):
+    """TRL's own rollout (generation, rewards, advantages, old and reference log-probs) from a fixed seed."""
+    torch.manual_seed(123)
+    trainer.model.train()
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+@pytest.fixture(scope="module")
+def pair(model_dir, tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("out"))
+    stock = _trainer(GRPOTrainer, model_dir, tmp)
+    ours = _trainer(FusedGRPOTrainer, model_dir, tmp)
+    return stock, ours, _rollout(stock), _rollout(ours)
+
+
+def _perturbed(inputs, seed=0):
+    """Different lengths, ratios off 1 on both sides of the clip range, random advantages, reference != policy."""
+    g = torch.Generator().manual_seed(seed)
+    x = copy.copy(inputs)
+    b, c = x["completion_ids"].shape
+    lengths = torch.randint(2, c + 1, (b,), generator=g)
+    lengths[0] = c
+    x["completion_mask"] = (torch.arange(c)[None, :] < lengths[:, None]).to(x["completion_mask"].dtype)
+    x["num_items_in_batch"] = x["completion_mask"].sum()
+    x["advantages"] = torch.randn(b, generator=g)
+    x["old_per_token_logps"] = inputs["old_per_token_logps"] + 0.3 * torch.randn(b, c, generator=g)
+    x["ref_per_token_logps"] = inputs["old_per_token_logps"] + 0.2 * torch.randn(b, c, generator=g)
+    return x
+
+
+def _loss_and_grads(trainer, inputs):
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def _compare(stock, ours, inputs, monkeypatch, *, expect_fused=True, bias_correction_kl=False, **attrs):
+    for trainer in (stock, ours):
+        for key, value in attrs.items():
+            monkeypatch.setattr(trainer, key, value)
+        monkeypatch.setattr(trainer.args, "use_bias_correction_kl", bias_correction_kl)
+    fused, reason = ours.fused_loss_path(inputs)
+    assert fused == expect_fused, reason
+    ref_loss, ref_grads = _loss_and_grads(stock, inputs)
+    loss, grads = _loss_and_grads(ours, inputs)
+    assert ref_loss.abs() > 1e-4  # a real loss, not 0 = 0
+    assert abs(loss.item() - ref_loss.item()) <= 2e-6 * abs(ref_loss.item()) + 1e-7, (loss, ref_loss)
+    assert grads.keys() == ref_grads.keys() and len(grads) == len(list(ours.model.parameters()))
+    worst = max(rel_err(grads[k], ref_grads[k]) for k in ref_grads)
+    assert worst < 1e-5, worst  # observed <= 6e-7 (fp32)
+    return loss, ref_loss
+
+
+def test_rollout_old_and_reference_logprobs_match_trl(pair):
+    stock, ours, a, b = pair
+    assert torch.equal(a["completion_ids"], b["completion_ids"])  # same seed, same weights, same samples
+    torch.testing.assert_close(b["advantages"], a["advantages"])
+    m = a["completion_mask"].bool()
+    assert m.sum() > 20
+    for key in ("old_per_token_logps", "ref_per_token_logps"):
+        assert rel_err(b[key][m], a[key][m]) < 1e-6, key
+        assert (b[key][~m] == 0).all()
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo", "bnpo"])
+@pytest.mark.parametrize("beta, bias_correction_kl", [(0.0, False), (0.04, False), (0.04, True)])
+def test_loss_and_grads_match_trl(pair, monkeypatch, loss_type, beta, bias_correction_kl):
+    """linear_grpo_loss computes the loss, except for TRL's default bias-corrected KL (ratio * k3), which
+    runs TRL's loss code on the fused log-probs."""
+    stock, ours, inputs, _ = pair
+    eps_high = 0.28 if loss_type == "dapo" else 0.2
+    _compare(stock, ours, _perturbed(inputs), monkeypatch, expect_fused=not bias_correction_kl,
+             bias_correction_kl=bias_correction_kl, loss_type=loss_type, beta=beta, epsilon_high=eps_high,
+             current_gradient_accumulation_steps=2)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_sequence_level_importance_sampling_matches_trl(pair, monkeypatch, loss_type):
+    stock, ours, inputs, _ = pair
+    x = _perturbed(inputs, seed=1)
+    x["old_per_token_logps"] = inputs["old_per_token_logps"] + 0.05 * torch.randn_like(x["old_per_token_logps"])
+    _compare(stock, ours, x, monkeypatch, loss_type=loss_type, importance_sampling_level="sequence",
+             epsilon_low=3e-3, epsilon_high=4e-3)
+
+
+def test_entropy_bonus_on_the_fused_path_matches_trl(pair, monkeypatch):
+    stock, ours, inputs, _ = pair
+    _compare(stock, ours, _perturbed(inputs, seed=2), monkeypatch, loss_type="dapo", entropy_coef=0.05,
+             _entropy_bonus_enabled=True, current_gradient_accumulation_steps=2)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_entropy_mask_and_bonus_match_trl(pair, monkeypatch, loss_type):
+    """top_entropy_quantile and entropy_coef run TRL's loss code on our fused log-probs and entropies."""
+    stock, ours, inputs, _ = pair
+    _compare(stock, ours, _perturbed(inputs, seed=3), monkeypatch, expect_fused=False, loss_type=loss_type,
+             top_entropy_quantile=0.5, entropy_coef=0.05, _entropy_bonus_enabled=True)
+
+
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo"])
+def test_other_loss_types_use_trl_code_on_fused_logprobs(pair, monkeypatch, loss_type):
+    stock, ours, inputs, _ = pair
+    _compare(stock, ours, _perturbed(inputs, seed=4), monkeypatch, expect_fused=False, loss_type=loss_type,
+             epsilon_high=5.0 if loss_type == "cispo" else 0.2)
+
+
+def test_one_training_step_matches_trl(model_dir, tmp_path):
+    """A full GRPOTrainer.train() step (SGD), temperature 0.7, beta 0.04, grpo: same loss, metrics, update."""
+    cfg = dict(temperature=0.7, loss_type="grpo", optim="sgd", learning_rate=1.0, num_iterations=1,
+               use_bias_correction_kl=False)
+    runs = []
+    for cls in (GRPOTrainer, FusedGRPOTrainer):
+        trainer = _trainer(cls, model_dir, str(tmp_path), **cfg)
+        if cls is FusedGRPOTrainer:
+            assert trainer.fused_loss_path({}) == (True, "")
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        torch.manual_seed(7)
+        trainer.train()
+        step = {n: (p.detach() - before[n]) for n, p in trainer.model.named_parameters()}
+        log = next(r for r in trainer.state.log_history if "loss" in r)
+        runs.append((step, log))
+    (ref_step, ref_log), (step, log) = runs
+    assert log["loss"] == pytest.approx(ref_log["loss"], abs=1e-6)  # on-policy first step: ~0 by design
+    for key in ("kl", "entropy", "clip_ratio/region_mean"):
+        assert log[key] == pytest.approx(ref_log[key], rel=1e-4, abs=1e-7), key
+    assert max(ref_step[k].abs().max().item() for k in ref_step) > 1e-6  # the step moved the weights
+    assert max(rel_err(step[k], ref_step[k]) for k in ref_step) < 1e-4
+
+
+class VocabGuard(TorchDispatchMode):
+    """Fails on any op output with a vocabulary-sized dimension and more elements than the lm-head weight."""
+
+    def __init__(self, vocab, limit):
+        super().__init__()
+        self.vocab, self.limit, self.largest = vocab, limit, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and self.vocab in t.shape:
+                self.largest = max(self.largest, t.numel())
+                if t.numel() > self.limit:
+                    raise AssertionError(f"{func} made a {tuple(t.shape)} tensor: logits are materialised")
+        return out
+
+
+def _no_lm_head_call(module, args, output):
+    raise AssertionError("lm_head module was called: logits computed")
+
+
+def test_no_logits_are_materialised(pair, monkeypatch):
+    stock, ours, inputs, _ = pair
+    monkeypatch.setenv("FUSED_RLVR_TORCH_CHUNK_BYTES", "4096")  # 64-column vocab tiles on the chunked path
+    x = _perturbed(inputs)
+    limit = V * H  # the lm-head weight and its gradient are the largest legal [.., V] tensors
+    input_ids = torch.cat([x["prompt_ids"], x["completion_ids"]], 1)
+    attention_mask = torch.cat([x["prompt_mask"], x["completion_mask"]], 1)
+    assert x["completion_mask"].sum() > H  # so logits of the scored tokens would exceed the limit
+
+    hook = ours.model.lm_head.register_forward_hook(_no_lm_head_call)
+    try:
+        for kwargs in (dict(), dict(top_entropy_quantile=0.5)):  # the fused loss and TRL's code on fused stats
+            with monkeypatch.context() as m:
+                for key, value in kwargs.items():
+                    m.setattr(ours, key, value)
+                with VocabGuard(V, limit) as guard:
+                    ours.compute_loss(ours.model, x).backward()
+                assert 0 < guard.largest <= limit
+        with VocabGuard(V, limit), torch.no_grad():  # old / reference log-probs
+            lp, ent, _ = ours._get_per_token_logps_and_entropies(ours.model, input_ids, attention_mask,
+                                                                 x["completion_ids"].size(1), compute_entropy=True)
+            ref_lp, _, _ = ours._get_per_token_logps_and_entropies(ours.ref_model, input_ids, attention_mask,
+                                                                   x["completion_ids"].size(1))
+    finally:
+        hook.remove()
+    assert lp.shape == ent.shape == ref_lp.shape == x["completion_ids"].shape
+
+    with pytest.raises(AssertionError, match="logits are materialised"), VocabGuard(V, limit):
+        stock.compute_loss(stock.model, x)  # positive control: TRL's chunked head builds [tokens, V] logits
+
+
+def test_add_fused_lm_head_refuses_unsupported_outputs(model_dir):
+    model = Qwen2ForCausalLM.from_pretrained(model_dir)
+    with pytest.raises(NotImplementedError, match="is_top1"):
+        add_fused_lm_head(model, outputs=("log_probs", "is_top1"))
+
+
+def test_add_fused_lm_head_contract(model_dir):
+    """Same outputs as TRL's add_fused_lm_head; generation (the unpatched path) is unchanged."""
+    from trl.trainer.utils import add_fused_lm_head as trl_add_fused_lm_head
+
+    theirs = Qwen2ForCausalLM.from_pretrained(model_dir)
+    mine = Qwen2ForCausalLM.from_pretrained(model_dir)
+    trl_add_fused_lm_head(theirs, temperature=0.8, outputs=("log_probs", "entropy"))
+    add_fused_lm_head(mine, temperature=0.8, outputs=("log_probs", "entropy"))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 40, (3, 12), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    a = theirs(input_ids=ids, labels=labels, fused_lm_head=True)
+    b = mine(input_ids=ids, labels=labels, fused_lm_head=True)
+    for key in ("log_probs", "entropy", "loss"):
+        assert rel_err(getattr(b, key), getattr(a, key)) < 1e-6, key
+    assert torch.equal(a.label_mask, b.label_mask)
+    torch.testing.assert_close(mine(input_ids=ids).logits, theirs(input_ids=ids).logits)
+
