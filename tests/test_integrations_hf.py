@@ -89,7 +89,7 @@ def test_sequence_token_stats_match_model_logits(arch):
     g_ours, g_ref = _grads(ours), _grads(ref)
     assert g_ours.keys() == g_ref.keys() and len(g_ours) > 5
     for name in g_ref:
-        assert rel_err(g_ours[name], g_ref[name]) < 1e-4, name
+        assert rel_err(g_ours[name], g_ref[name]) < 1e-5, name  # observed <= 8e-7 (fp32)
 
 
 def test_lm_head_reads_bias_softcap_and_tied_weight():
