@@ -1,6 +1,7 @@
 # Two commands for a fresh machine; each makes its own virtual environment (.venv).
-#   make demo   fused vs materialised log-probs of SmolLM2-135M on CPU, and the memory saved
+#   make train  RLVR (GRPO) training of the embedded SmolLM2-135M on built-in arithmetic, CPU, < 15 min
 #   make test   the test suite (Triton kernels run through the Triton interpreter without a GPU)
+# Also: make demo (fused vs materialised log-probs of SmolLM2 and the memory saved), make lint.
 # A CPU-only machine gets the CPU build of torch 2.13.0; a machine with nvidia-smi gets the default build.
 
 VENV ?= .venv
@@ -8,7 +9,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: demo test lint bench-cpu gpu clean
+.PHONY: train demo test lint bench-cpu gpu clean
+TRAIN_ARGS ?=
 
 $(VENV)/.torch:
 	python3 -m venv $(VENV)
@@ -32,6 +34,9 @@ $(VENV)/.train: $(VENV)/.torch setup.py
 $(VENV)/.bench: $(VENV)/.test
 	$(PIP) install -q -e ".[bench]"
 	touch $@
+
+train: $(VENV)/.train
+	$(VENV)/bin/fused-rlvr train $(TRAIN_ARGS)
 
 demo: $(VENV)/.train
 	$(PY) -m fused_rlvr.cli demo

@@ -1,4 +1,4 @@
-"""Command line: `fused-rlvr demo` (also `python -m fused_rlvr.cli demo`)."""
+"""Command line: `fused-rlvr train` (RLVR training, also `python -m fused_rlvr.train`), `fused-rlvr demo`."""
 
 from __future__ import annotations
 
@@ -68,8 +68,14 @@ def demo(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # the trainer's flags are generated from its config dataclass
+        from fused_rlvr.train import main as train_main
+
+        return train_main(argv[1:])
     ap = argparse.ArgumentParser(prog="fused-rlvr", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="RLVR training (GRPO / PACS / STEER / DARS); see `fused-rlvr train --help`")
     d = sub.add_parser("demo", help="fused vs materialised log-probs of SmolLM2 on CPU, and the memory saved")
     d.add_argument("--max-len", type=int, default=64, help="tokens per sequence (111 sequences)")
     d.set_defaults(func=demo)

@@ -1,0 +1,40 @@
+"""The thin RLVR trainer: `fused-rlvr train` / `python -m fused_rlvr.train` (see trainer.py for the loop)."""
+
+from fused_rlvr.train.config import PRESETS, TrainConfig, config_from_args, make_config
+from fused_rlvr.train.hooks import DarsHook, Hook, RolloutRequest, dars_extra
+
+__all__ = [
+    "PRESETS",
+    "DarsHook",
+    "Hook",
+    "RolloutRequest",
+    "TrainConfig",
+    "config_from_args",
+    "dars_extra",
+    "main",
+    "make_config",
+    "train",
+]
+
+
+def train(cfg: TrainConfig, hooks=()) -> dict:
+    """Run the trainer on `cfg` with extra `hooks`; returns the summary (also written to out_dir)."""
+    from fused_rlvr.train.trainer import Trainer
+
+    return Trainer(cfg, hooks).train()
+
+
+def main(argv=None) -> int:
+    import json
+
+    cfg = config_from_args(argv)
+    summary = train(cfg)
+    before, after = summary["before"]["accuracy"], summary.get("after", {}).get("accuracy")
+    print(json.dumps({k: summary[k] for k in ("status", "step", "checkpoint", "total_seconds")}, indent=None))
+    if after is not None:
+        print(
+            f"held-out accuracy: {before:.3f} -> {after:.3f} ({summary['gain_points']:+.1f} points, "
+            f"{summary['before']['n']} problems); metrics, plot and summary in {cfg.out_dir}"
+        )
+        return 0
+    return 130

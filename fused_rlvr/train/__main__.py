@@ -1,0 +1,5 @@
+import sys
+
+from fused_rlvr.train import main
+
+sys.exit(main())

@@ -1,0 +1,330 @@
+"""The trainer's one config dataclass, its named presets, and the command line generated from it.
+
+Every field carries its help text and (where it has one) its allowed range, so `fused-rlvr train --help`,
+the config-file loader and the validation all read the same table. Precedence: preset < --config file <
+command-line flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+
+def _f(default, help: str, *, choices=None, lo=None, hi=None, lo_open=False):
+    return field(
+        default=default, metadata={"help": help, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open}
+    )
+
+
+@dataclass
+class TrainConfig:
+    # --- model and data
+    model: str = _f(
+        "smollm2",
+        "'smollm2' (the embedded SmolLM2-135M-Instruct GGUF, no download), "
+        "'tiny-random' (a randomly initialised toy model for tests), or any Hugging Face causal "
+        "LM name / local path",
+    )
+    task: str = _f(
+        "arithmetic",
+        "'arithmetic' (built-in generated problems with a fixed held-out set) or a "
+        "path to a JSONL file with 'prompt' and 'answer' fields",
+    )
+    eval_task: Optional[str] = _f(
+        None, "JSONL file of held-out problems (default: the task's own held-out split)"
+    )
+    n_eval: int = _f(200, "held-out problems evaluated before and after training", lo=0)
+    system_prompt: Optional[str] = _f(
+        None, "system message for chat-template models (None: the template's own default)"
+    )
+    prompt_suffix: str = _f(" Answer with only the final number.", "text appended to every question")
+    # --- rollouts
+    steps: int = _f(20, "training steps (one rollout batch each)", lo=1)
+    prompts_per_step: int = _f(8, "distinct prompts sampled per step", lo=1)
+    group_size: int = _f(8, "rollouts per prompt before any extra rollouts (G)", lo=1)
+    max_new_tokens: int = _f(12, "longest response, in tokens", lo=1)
+    temperature: float = _f(
+        1.0, "sampling temperature; the losses score the same tempered distribution", lo=0.0, lo_open=True
+    )
+    top_p: float = _f(
+        1.0,
+        "nucleus sampling (1.0: off; the loss assumes the full distribution)",
+        lo=0.0,
+        hi=1.0,
+        lo_open=True,
+    )
+    gen_batch: int = _f(64, "sequences generated at once", lo=1)
+    # --- algorithm
+    algorithm: str = _f("grpo", "policy loss", choices=("grpo", "pacs"))
+    advantage: str = _f(
+        "grpo", "advantage estimator (grpo: R - mean; rloo: leave-one-out)", choices=("grpo", "rloo")
+    )
+    adv_scale: str = _f(
+        "group",
+        "divide advantages by the group std ('group'), the batch std, or not ('none': Dr. GRPO / DARS)",
+        choices=("group", "batch", "none"),
+    )
+    drop_uniform_groups: bool = _f(False, "drop groups whose rewards are all equal (no signal; DAPO / DARS)")
+    loss_agg: str = _f(
+        "token-mean",
+        "loss aggregation (fused_rlvr.linear_grpo_loss's agg)",
+        choices=(
+            "token-mean",
+            "seq-mean-token-mean",
+            "seq-mean-token-sum",
+            "seq-mean-token-sum-norm",
+            "grpo",
+            "bnpo",
+            "dr_grpo",
+            "dapo",
+        ),
+    )
+    eps_low: float = _f(0.2, "lower clip range of the ratio", lo=0.0, hi=1.0)
+    eps_high: float = _f(0.28, "upper clip range of the ratio (clip-higher)", lo=0.0)
+    dual_clip: Optional[float] = _f(
+        None, "dual-clip constant c > 1 for negative advantages (None: off)", lo=1.0, lo_open=True
+    )
+    importance: str = _f(
+        "token", "importance ratio per token (GRPO) or per sequence (GSPO)", choices=("token", "sequence")
+    )
+    beta: float = _f(0.0, "KL penalty weight against the initial (reference) policy", lo=0.0)
+    kl: str = _f("k3", "KL estimator", choices=("k1", "k2", "k3", "k1+", "k2+", "k3+"))
+    entropy_coef: float = _f(0.0, "entropy bonus weight", lo=0.0)
+    steer: Optional[str] = _f(
+        None, "STEER per-token reweighting mode (None: off)", choices=(None, "exp", "linear", "exact")
+    )
+    steer_lambda_min: float = _f(0.5, "STEER lower weight bound", lo=0.0)
+    pacs_beta: float = _f(1.0, "PACS score scale beta", lo=0.0, lo_open=True)
+    dars: Optional[str] = _f(
+        None,
+        "DARS extra rollouts for hard prompts: equal treatment ('et') or "
+        "hardness weighted ('hw') (None: off)",
+        choices=(None, "et", "hw"),
+    )
+    # --- optimisation
+    lr: float = _f(2e-5, "AdamW learning rate", lo=0.0, lo_open=True)
+    weight_decay: float = _f(0.0, "AdamW weight decay", lo=0.0)
+    warmup_steps: int = _f(0, "linear learning-rate warm-up steps (constant afterwards)", lo=0)
+    grad_clip: float = _f(1.0, "gradient-norm clip (0: off)", lo=0.0)
+    epochs: int = _f(1, "passes over each rollout batch (DARS-B: 2)", lo=1)
+    minibatches: int = _f(1, "optimizer steps per epoch (1: one full-batch update per epoch)", lo=1)
+    micro_batch: int = _f(
+        16,
+        "sequences per forward/backward (gradients accumulate with the whole-batch "
+        "normaliser, so the update does not depend on it)",
+        lo=1,
+    )
+    train_layers: int = _f(
+        0,
+        "train only the top N transformer layers and the final norm (0: all "
+        "parameters); the lower layers run without autograd",
+        lo=0,
+    )
+    train_lm_head: bool = _f(
+        True, "train the lm-head (with tied embeddings: the embedding matrix) when train_layers is 0"
+    )
+    # --- runtime
+    seed: int = _f(0, "seed for data order, sampling and initialisation")
+    device: str = _f("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
+    dtype: str = _f(
+        "auto",
+        "'auto' (bf16 on CUDA, fp32 on CPU), 'float32' or 'bfloat16'",
+        choices=("auto", "float32", "bfloat16"),
+    )
+    threads: int = _f(0, "CPU threads for torch (0: torch's default)", lo=0)
+    backend: str = _f(
+        "auto",
+        "fused-op backend (auto: Triton on CUDA, chunked torch on CPU)",
+        choices=("auto", "triton", "torch"),
+    )
+    out_dir: str = _f("runs/default", "output folder: metrics, plots, checkpoints, summary")
+    eval_every: int = _f(0, "held-out evaluation every k steps (0: only before and after)", lo=0)
+    save_every: int = _f(10, "checkpoint every k steps (0: only at the end and on SIGINT/SIGTERM)", lo=0)
+    keep_checkpoints: int = _f(2, "checkpoints kept on disk", lo=1)
+    resume: bool = _f(False, "continue from the latest checkpoint in out_dir")
+    progress: bool = _f(True, "show a progress bar")
+    log_samples: int = _f(2, "responses printed to samples.jsonl per step", lo=0)
+
+    def validate(self) -> TrainConfig:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            meta = f.metadata
+            if meta.get("choices") is not None and v not in meta["choices"]:
+                raise ValueError(f"config field '{f.name}' must be one of {list(meta['choices'])}, got {v!r}")
+            if v is None or isinstance(v, (str, bool)):
+                continue
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"config field '{f.name}' must be finite, got {v!r}")
+            lo, hi = meta.get("lo"), meta.get("hi")
+            if lo is not None and (v < lo or (meta.get("lo_open") and v == lo)):
+                op = ">" if meta.get("lo_open") else ">="
+                raise ValueError(f"config field '{f.name}' must be {op} {lo}, got {v!r}")
+            if hi is not None and v > hi:
+                raise ValueError(f"config field '{f.name}' must be <= {hi}, got {v!r}")
+        if self.algorithm == "pacs" and (self.steer or self.beta or self.entropy_coef):
+            raise ValueError(
+                "config fields 'steer', 'beta' and 'entropy_coef' apply to algorithm='grpo' only; "
+                "PACS has its own loss"
+            )
+        if self.advantage == "rloo" and self.group_size < 2:
+            raise ValueError("config field 'group_size' must be >= 2 with advantage='rloo'")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Fields whose change makes a checkpoint mean something else: resuming with a different value is refused.
+COMPATIBILITY_FIELDS = (
+    "model",
+    "task",
+    "algorithm",
+    "train_layers",
+    "train_lm_head",
+    "seed",
+    "prompts_per_step",
+    "group_size",
+    "epochs",
+    "minibatches",
+    "dars",
+    "dtype",
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The README's `make train`: SmolLM2-135M on 2 CPU cores in under 15 minutes.
+    "default": {},
+    "cpu-quick": {"steps": 3, "n_eval": 32, "prompts_per_step": 4, "out_dir": "runs/cpu-quick"},
+    # A toy run for smoke tests: random weights, no download, seconds per step.
+    "tiny": {
+        "model": "tiny-random",
+        "steps": 4,
+        "n_eval": 16,
+        "prompts_per_step": 4,
+        "group_size": 4,
+        "max_new_tokens": 6,
+        "lr": 1e-3,
+        "out_dir": "runs/tiny",
+        "progress": False,
+    },
+    "steer": {"steer": "exp", "out_dir": "runs/steer"},
+    "pacs": {"algorithm": "pacs", "adv_scale": "none", "out_dir": "runs/pacs"},
+    "dars": {"dars": "et", "adv_scale": "none", "drop_uniform_groups": True, "out_dir": "runs/dars"},
+    # DARS-B breadth: one full-batch update per epoch, two epochs, loss sum m l / L_max.
+    "dars-b": {
+        "dars": "et",
+        "adv_scale": "none",
+        "drop_uniform_groups": True,
+        "epochs": 2,
+        "minibatches": 1,
+        "loss_agg": "seq-mean-token-sum-norm",
+        "entropy_coef": 0.001,
+        "eps_high": 0.2,
+        "out_dir": "runs/dars-b",
+    },
+    # GPU-sized GRPO (DAPO-style loss) for an HF model given with --model.
+    "gpu": {
+        "device": "cuda",
+        "prompts_per_step": 64,
+        "group_size": 16,
+        "max_new_tokens": 512,
+        "gen_batch": 512,
+        "micro_batch": 32,
+        "lr": 1e-6,
+        "loss_agg": "dapo",
+        "steps": 200,
+        "eval_every": 20,
+        "save_every": 20,
+        "out_dir": "runs/gpu",
+    },
+}
+
+
+def _parse_value(f: dataclasses.Field, text: str):
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if text.lower() in ("none", "null") and "Optional" in kind:
+        return None
+    if "bool" in kind:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"config field '{f.name}' must be true or false, got {text!r}")
+    try:
+        if "int" in kind:
+            return int(text)
+        if "float" in kind:
+            return float(text)
+    except ValueError:
+        raise ValueError(f"config field '{f.name}' must be a number ({kind}), got {text!r}") from None
+    return text
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """A JSON object of field -> value (unknown fields are an error naming them)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path!r} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config file {path!r} is not valid JSON: line {e.lineno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path!r} must hold a JSON object of field: value")
+    return data
+
+
+def make_config(preset: str = "default", overrides: Optional[dict[str, Any]] = None) -> TrainConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets: {sorted(PRESETS)}")
+    values = dict(PRESETS[preset])
+    values.update(overrides or {})
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
+    return TrainConfig(**values).validate()
+
+
+def build_parser(prog: str = "fused-rlvr train") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog=prog,
+        description="RLVR training with fused lm-head losses "
+        "(GRPO / PACS / STEER / DARS) on the embedded SmolLM2 or any HF causal LM.",
+    )
+    ap.add_argument(
+        "--preset", default="default", choices=sorted(PRESETS), help="named preset (default: %(default)s)"
+    )
+    ap.add_argument("--config", default=None, help="JSON file of field: value, applied over the preset")
+    for f in fields(TrainConfig):
+        meta = f.metadata
+        flag = "--" + f.name.replace("_", "-")
+        extra = f" (choices: {', '.join(map(str, meta['choices']))})" if meta.get("choices") else ""
+        is_bool = isinstance(f.default, bool)
+        ap.add_argument(
+            flag,
+            dest=f.name,
+            default=None,
+            metavar="BOOL" if is_bool else "V",
+            nargs="?" if is_bool else None,
+            const="true" if is_bool else None,
+            help=f"{meta['help']}{extra} [default: {f.default!r}]",
+        )
+    return ap
+
+
+def config_from_args(argv=None) -> TrainConfig:
+    args = build_parser().parse_args(argv)
+    overrides: dict[str, Any] = {}
+    if args.config:
+        overrides.update(load_config_file(args.config))
+    by_name = {f.name: f for f in fields(TrainConfig)}
+    for name, f in by_name.items():
+        text = getattr(args, name)
+        if text is not None:
+            overrides[name] = _parse_value(f, text)
+    return make_config(args.preset, overrides)

@@ -1,0 +1,148 @@
+"""Rollouts: prompt formatting, sampling with `generate`, and the packed [B, T] batch the losses read.
+
+Sequences are packed right-padded (prompt tokens, then response tokens, then pad), so positions are plain
+aranges in every forward, exactly as the prompt was seen during generation (generation itself pads on the
+left and HF derives the positions from the attention mask). A response ends at its first EOS (kept: the
+model learns to stop) or at max_new_tokens (then it is `truncated`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from fused_rlvr.train.tasks import Problem
+
+
+def format_prompt(tok, question: str, suffix: str, system: Optional[str]) -> list[int]:
+    """Prompt token ids: the chat template when the tokenizer has one, else 'Question: ...\\nAnswer:'."""
+    text = question + suffix
+    if getattr(tok, "chat_template", None):
+        msgs = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": text}
+        ]
+        ids = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return tok(f"Question: {text}\nAnswer:", add_special_tokens=False)["input_ids"]
+
+
+@dataclass
+class RolloutBatch:
+    """B sampled responses in groups (one group per prompt; groups may differ in size)."""
+
+    problems: list[Problem]  # per group
+    prompt_ids: list[list[int]]  # per group (the prompt the samples are scored under)
+    group: torch.Tensor  # [B] long, group index of each sample
+    response_ids: list[list[int]]  # [B]
+    texts: list[str]  # [B] decoded responses
+    truncated: torch.Tensor  # [B] bool
+    rewards: torch.Tensor = None  # [B] float, set by the verifier and the reward hooks
+    tags: list[str] = field(default_factory=list)  # [B] "base", "dars", "guided", ...
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.problems)
+
+    def __len__(self) -> int:
+        return len(self.response_ids)
+
+    def group_rows(self, g: int) -> torch.Tensor:
+        return torch.nonzero(self.group == g).flatten()
+
+    def response_lengths(self) -> torch.Tensor:
+        return torch.tensor([len(r) for r in self.response_ids], dtype=torch.float32)
+
+    def extend(self, group: list[int], response_ids, texts, truncated, tags) -> None:
+        self.group = torch.cat([self.group, torch.tensor(group, dtype=torch.long)])
+        self.response_ids = self.response_ids + list(response_ids)
+        self.texts = self.texts + list(texts)
+        self.truncated = torch.cat([self.truncated, torch.as_tensor(truncated, dtype=torch.bool)])
+        self.tags = self.tags + list(tags)
+
+    def select(self, rows: torch.Tensor) -> RolloutBatch:
+        """The samples at `rows`, with groups renumbered densely (a dropped group disappears)."""
+        rows = rows.flatten()
+        kept = sorted(set(self.group[rows].tolist()))
+        remap = {g: i for i, g in enumerate(kept)}
+        idx = rows.tolist()
+        out = RolloutBatch(
+            problems=[self.problems[g] for g in kept],
+            prompt_ids=[self.prompt_ids[g] for g in kept],
+            group=torch.tensor([remap[int(self.group[i])] for i in idx], dtype=torch.long),
+            response_ids=[self.response_ids[i] for i in idx],
+            texts=[self.texts[i] for i in idx],
+            truncated=self.truncated[rows],
+            tags=[self.tags[i] for i in idx],
+        )
+        if self.rewards is not None:
+            out.rewards = self.rewards[rows]
+        return out
+
+    def pack(self, rows: Optional[torch.Tensor], pad_id: int, device) -> dict[str, torch.Tensor]:
+        """input_ids / attention_mask / response_mask [b, T] for the samples at `rows` (all if None)."""
+        idx = range(len(self)) if rows is None else rows.tolist()
+        seqs, starts = [], []
+        for i in idx:
+            p = self.prompt_ids[int(self.group[i])]
+            seqs.append(p + self.response_ids[i])
+            starts.append(len(p))
+        t = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
+        attn = torch.zeros((len(seqs), t), dtype=torch.long)
+        resp = torch.zeros((len(seqs), t), dtype=torch.long)
+        for j, (s, st) in enumerate(zip(seqs, starts)):
+            ids[j, : len(s)] = torch.tensor(s, dtype=torch.long)
+            attn[j, : len(s)] = 1
+            resp[j, st : len(s)] = 1
+        return {
+            "input_ids": ids.to(device),
+            "attention_mask": attn.to(device),
+            "response_mask": resp.to(device),
+        }
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tok,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    greedy: bool,
+    batch_size: int,
+    eos_ids: list[int],
+    pad_id: int,
+):
+    """Sample one response per prompt (token-id lists). Returns (response_ids, texts, truncated)."""
+    device = next(model.parameters()).device
+    out_ids, texts, truncated = [], [], []
+    was_training = model.training
+    model.eval()
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s : s + batch_size]
+        t = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), t), pad_id, dtype=torch.long)
+        attn = torch.zeros((len(chunk), t), dtype=torch.long)
+        for j, p in enumerate(chunk):
+            ids[j, t - len(p) :] = torch.tensor(p, dtype=torch.long)
+            attn[j, t - len(p) :] = 1
+        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_ids)
+        if greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:  # the full tempered distribution: the losses assume exactly this one
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **kwargs)[:, t:].cpu()
+        for row in gen.tolist():
+            cut = next((k for k, tok_id in enumerate(row) if tok_id in eos_ids), None)
+            resp = row if cut is None else row[: cut + 1]
+            out_ids.append(resp)
+            truncated.append(cut is None)
+            texts.append(tok.decode(resp, skip_special_tokens=True))
+    model.train(was_training)
+    return out_ids, texts, truncated

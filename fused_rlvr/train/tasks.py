@@ -1,0 +1,180 @@
+"""Verifiable tasks: the built-in arithmetic generator, JSONL datasets, and the math-verify checker.
+
+A task gives a fixed held-out list and an endless, seeded, resumable stream of training problems (the
+stream's position is part of every checkpoint). Answers are checked with `math-verify` (the last number or
+boxed expression of a response against the reference).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    question: str
+    answer: str
+
+
+class ArithmeticTask:
+    """Single-digit sums and products plus two-digit sums and differences, generated from a seed.
+
+    The mix is picked so SmolLM2-135M-Instruct starts between 10% and 70% held-out accuracy (measured: about
+    a third when forced to answer directly, much less when it starts explaining and runs out of tokens). The
+    held-out set is the first `n_heldout` distinct problems of a separate seed; training problems are drawn
+    from the same distribution with the held-out ones excluded.
+    """
+
+    name = "arithmetic"
+
+    def __init__(self, seed: int = 0, n_heldout: int = 200):
+        self.seed = seed
+        self._heldout = []
+        rng = random.Random(10_000 + seed)
+        seen = set()
+        while len(self._heldout) < n_heldout:
+            p = self._draw(rng)
+            if p.question not in seen:
+                seen.add(p.question)
+                self._heldout.append(p)
+        self._heldout_questions = seen
+
+    @staticmethod
+    def _draw(rng: random.Random) -> Problem:
+        kind = rng.randrange(4)
+        if kind == 0:
+            a, b = rng.randint(1, 9), rng.randint(1, 9)
+            q, ans = f"{a} + {b}", a + b
+        elif kind == 1:
+            a, b = rng.randint(2, 9), rng.randint(2, 9)
+            q, ans = f"{a} * {b}", a * b
+        elif kind == 2:
+            a, b = rng.randint(10, 60), rng.randint(10, 39)
+            q, ans = f"{a} + {b}", a + b
+        else:
+            a = rng.randint(20, 99)
+            b = rng.randint(1, a - 10)
+            q, ans = f"{a} - {b}", a - b
+        return Problem(id=q, question=f"What is {q}?", answer=str(ans))
+
+    def heldout(self) -> list[Problem]:
+        return list(self._heldout)
+
+    def sample(self, rng: random.Random, n: int) -> list[Problem]:
+        out = []
+        while len(out) < n:
+            p = self._draw(rng)
+            if p.question not in self._heldout_questions:
+                out.append(p)
+        return out
+
+
+class JsonlTask:
+    """Problems from a JSONL file, one object per line with string-able 'prompt' and 'answer' fields.
+
+    Training samples are drawn (with reshuffling per pass) from the problems not in the held-out split; the
+    held-out split is `eval_path`'s problems if given, else the last `n_heldout` lines of the file.
+    """
+
+    name = "jsonl"
+
+    def __init__(self, path: str, n_heldout: int = 200, eval_path: Optional[str] = None):
+        problems = load_jsonl(path)
+        if eval_path:
+            self._heldout = load_jsonl(eval_path)[:n_heldout] if n_heldout else []
+            self._train = problems
+        else:
+            if len(problems) <= n_heldout:
+                raise ValueError(
+                    f"dataset {path!r} has {len(problems)} problems; the held-out split needs "
+                    f"n_eval={n_heldout} of them plus at least one to train on (set --n-eval "
+                    f"or --eval-task)"
+                )
+            cut = len(problems) - n_heldout
+            self._train, self._heldout = problems[:cut], problems[cut:]
+        if not self._train:
+            raise ValueError(f"dataset {path!r} has no training problems")
+
+    def heldout(self) -> list[Problem]:
+        return list(self._heldout)
+
+    def sample(self, rng: random.Random, n: int) -> list[Problem]:
+        return [self._train[rng.randrange(len(self._train))] for _ in range(n)]
+
+
+def load_jsonl(path: str) -> list[Problem]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"dataset file {path!r} does not exist")
+    problems = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with 'prompt' and 'answer'")
+            missing = [k for k in ("prompt", "answer") if k not in obj]
+            if missing:
+                raise ValueError(
+                    f"{path}:{lineno}: missing field(s) {missing}; each line needs 'prompt' and 'answer'"
+                )
+            prompt, answer = obj["prompt"], obj["answer"]
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"{path}:{lineno}: 'prompt' must be a non-empty string")
+            if not isinstance(answer, (str, int, float)) or isinstance(answer, bool) or str(answer) == "":
+                raise ValueError(f"{path}:{lineno}: 'answer' must be a non-empty string or number")
+            problems.append(
+                Problem(id=str(obj.get("id", f"line{lineno}")), question=prompt, answer=str(answer))
+            )
+    if not problems:
+        raise ValueError(f"dataset file {path!r} holds no problems")
+    return problems
+
+
+def make_task(task: str, n_heldout: int, seed: int, eval_path: Optional[str] = None):
+    if task == "arithmetic":
+        t = ArithmeticTask(seed=seed, n_heldout=n_heldout)
+        if eval_path:
+            t._heldout = load_jsonl(eval_path)[:n_heldout]
+        return t
+    if task.endswith(".jsonl") or os.path.exists(task):
+        return JsonlTask(task, n_heldout=n_heldout, eval_path=eval_path)
+    raise ValueError(
+        f"config field 'task' must be 'arithmetic' or a path to a JSONL file, got {task!r} (no such file)"
+    )
+
+
+class Verifier:
+    """reward(response, answer) in {0, 1}: math-verify's comparison of the response's final answer."""
+
+    def __init__(self):
+        try:
+            from math_verify import parse, verify
+        except ImportError:
+            raise ImportError(
+                "the trainer checks answers with math-verify: pip install 'fused-rlvr[train]' "
+                "(or pip install math-verify)"
+            ) from None
+        self._parse, self._verify = parse, verify
+        self._gold: dict[str, object] = {}
+
+    def final_answer(self, response: str) -> Optional[str]:
+        parsed = self._parse(response)
+        return str(parsed[-1]) if parsed else None
+
+    def __call__(self, response: str, answer: str) -> float:
+        gold = self._gold.get(answer)
+        if gold is None:
+            gold = self._gold[answer] = self._parse(answer)
+        try:
+            return float(bool(self._verify(gold, self._parse(response))))
+        except Exception:  # math-verify raises on exotic expressions; an unverifiable answer scores 0
+            return 0.0
