@@ -63,7 +63,10 @@ def pacs_loss_from_scores(scores, rewards, group_ids, *, baseline="rloo", class_
     elif baseline == "grpo":
         mean = gsum(scores) / g
         dev = scores - mean[index]
-        std = (gsum(dev * dev) / (g - 1).clamp_min(1)).sqrt()
+        var = gsum(dev * dev) / (g - 1).clamp_min(1)
+        # d sqrt(var) / d var is infinite at var = 0 (every score equal, as on the first on-policy update):
+        # take the zero subgradient there instead of a NaN
+        std = torch.where(var > 0, var.clamp_min(torch.finfo(var.dtype).tiny).sqrt(), torch.zeros_like(var))
         psi = dev / (std[index] + eps)
     else:
         psi = scores

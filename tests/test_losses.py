@@ -326,3 +326,17 @@ def test_modules_only_hold_hyper_parameters():
     a, _ = pacs(hidden, weight, targets, rewards, mask, groups, old_logprobs=old)
     b, _ = F.linear_pacs_loss(hidden, weight, targets, rewards, mask, groups, old_logprobs=old, beta=2.0)
     assert torch.equal(a, b) and "beta=2.0" in repr(pacs)
+
+
+def test_pacs_grpo_baseline_gradient_is_finite_when_all_scores_are_equal():
+    # On the first on-policy update every score is beta * (lp - old) = 0: the group std is 0, and
+    # d sqrt(var) / d var = inf made the gradient NaN (found by the trainer's PACS preset).
+    from fused_rlvr.pacs import pacs_loss_from_scores
+
+    scores = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+    rewards = torch.tensor([1.0, 0, 1, 0, 0, 0], dtype=torch.float64)
+    loss, _ = pacs_loss_from_scores(scores, rewards, torch.tensor([0, 0, 0, 1, 1, 1]), baseline="grpo")
+    loss.backward()
+    assert torch.isfinite(scores.grad).all()
+    # psi = 0 everywhere; loss = mean_i w_i softplus(0) with class-balanced weights
+    assert abs(float(loss) - math.log(2.0) * (3 * 1.0 + 3 * 1.0) / 6) < 1e-12

@@ -357,8 +357,10 @@ def test_train_layers_freezes_the_rest(tmp_path):
     assert changed and all(n.startswith(("model.layers.1.", "model.norm")) for n in changed)
 
 
-def test_resume_refuses_an_incompatible_config(tmp_path):
+def test_resume_refuses_an_incompatible_config_and_a_fresh_run_never_overwrites(tmp_path):
     Trainer(tiny(tmp_path, "r", steps=1)).train()
+    with pytest.raises(ValueError, match="already holds a run with checkpoints; pass --resume"):
+        Trainer(tiny(tmp_path, "r", steps=1)).train()
     with pytest.raises(ValueError, match="incompatible config.*group_size: checkpoint 4 vs config 2"):
         Trainer(tiny(tmp_path, "r", steps=2, group_size=2, resume=True)).train()
 
@@ -370,6 +372,8 @@ def test_resume_refuses_an_incompatible_config(tmp_path):
         {"steer": "exact"},
         {"beta": 0.1, "kl": "k3", "epochs": 2},
         {"importance": "sequence"},
+        {"algorithm": "pacs", "advantage": "grpo", "minibatches": 2, "epochs": 2},
+        {"dars": "et", "drop_uniform_groups": True, "adv_scale": "none", "loss_agg": "seq-mean-token-sum-norm"},
     ],
 )
 def test_algorithms_run_with_finite_metrics(tmp_path, kw):

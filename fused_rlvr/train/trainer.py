@@ -349,17 +349,23 @@ class Trainer:
         stats = {k: float(getattr(st, k)) for k in _STAT_KEYS}
         return loss, stats, int(st.n_tokens)
 
+    def _minibatches(self, batch: RolloutBatch) -> list[torch.Tensor]:
+        """Rows of each minibatch (one optimizer step each), shuffled when there are several; PACS splits
+        by whole groups (its baselines are within a group)."""
+        k = self.cfg.minibatches
+        if self.cfg.algorithm != "pacs":
+            order = torch.randperm(len(batch)) if k > 1 else torch.arange(len(batch))
+            return list(order.tensor_split(k))
+        groups = torch.randperm(batch.n_groups) if k > 1 else torch.arange(batch.n_groups)
+        return [torch.nonzero(torch.isin(batch.group, gs)).flatten() for gs in groups.tensor_split(k)]
+
     def _update(self, batch: RolloutBatch, adv: torch.Tensor, old, ref) -> dict[str, float]:
         c = self.cfg
         sums: dict[str, float] = {}
         tokens = 0
         grad_norms = []
-        n = len(batch)
         for _epoch in range(c.epochs):
-            order = torch.randperm(n) if c.minibatches > 1 else torch.arange(n)
-            for rows in order.tensor_split(c.minibatches):
-                if c.algorithm == "pacs":  # keep groups whole
-                    rows = torch.nonzero(torch.isin(batch.group, batch.group[rows].unique())).flatten()
+            for rows in self._minibatches(batch):
                 if len(rows) == 0:
                     continue
                 divisor = self._divisor(batch, rows) if c.algorithm != "pacs" else float(len(rows))
@@ -534,6 +540,11 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         c = self.cfg
         os.makedirs(c.out_dir, exist_ok=True)
+        if not c.resume and os.path.exists(os.path.join(self.ckpt_root, checkpoint.LATEST)):
+            raise ValueError(
+                f"out_dir {c.out_dir!r} already holds a run with checkpoints; pass --resume to "
+                f"continue it, or choose another --out-dir (nothing there is overwritten)"
+            )
         if c.resume:
             folder = checkpoint.latest(self.ckpt_root)
             if folder is None:
