@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one call (about 6-7 minutes on an H100): the GPU-marked tests, then
+# Everything that needs a GPU, in one call (about 7-8 minutes on an H100): the GPU-marked tests, then
 # bench.gpu_check (correctness of the op and the losses at the target shape, the GEMM ceiling and floor, a
 # tile-config sweep), then bench.run (every op x provider at the target shape, scaling in tokens and
-# vocabulary). Results land in $OUT (the device tool's folder) or bench/results/gpu; `python -m bench.plot`
-# draws them afterwards.
+# vocabulary), then the trainer on CUDA with the tiny model. Results land in $OUT (the device tool's folder)
+# or bench/results/gpu; `python -m bench.plot` draws them afterwards.
 set -uo pipefail
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT/run"
@@ -18,3 +18,9 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.g
 timeout "${PYTEST_S:-90}" python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -15 | tee "$OUT/pytest_gpu.txt"
 timeout "${CHECK_S:-150}" python3 -m bench.gpu_check --out "$OUT" 2>&1 | tee "$OUT/gpu_check.log"
 timeout "${RUN_S:-240}" python3 -m bench.run --device cuda --out "$OUT/run" 2>&1 | tee "$OUT/run/run.log"
+# The trainer on CUDA (Triton backend, bf16): the fused-vs-materialised update test and a tiny-model run.
+# (SmolLM2's GGUF is 94 MB, over the device tool's carry limit: the GPU run uses the tiny random model.)
+timeout "${TRAIN_S:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_train.py \
+  -k "fused_update or short_run or resumed" 2>&1 | tail -5 | tee "$OUT/pytest_train.txt"
+timeout "${TRAIN_S:-120}" python3 -m fused_rlvr.train --preset tiny --device cuda --steps 10 \
+  --out-dir "$OUT/train-tiny" 2>&1 | tail -3 | tee "$OUT/train_tiny.txt"

@@ -25,14 +25,16 @@ def smollm2_dir() -> str:
     return folder
 
 
-def load_smollm2(dtype=None):
+def load_smollm2(dtype=None, attn_implementation=None):
     """(model, tokenizer) of SmolLM2-135M-Instruct, dequantised from the GGUF file by transformers."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = smollm2_dir()
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype or torch.float32)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype or torch.float32,
+                                                 **kwargs)
     return model, tok
 
 
@@ -74,17 +76,18 @@ def tiny_random_model(seed: int = 0, dtype=None):
 def load_causal_lm(name: str, *, device: str, dtype, seed: int = 0):
     """(model, tokenizer) for the trainer's `model` field: 'smollm2', 'tiny-random', or an HF name / path
     already on this machine (fused-rlvr never downloads at run time)."""
-
+    flash = device == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    attn = "flash_attention_2" if flash else None  # bf16 on CUDA with flash-attn 2 when it is installed
     if name == "smollm2":
-        model, tok = load_smollm2(dtype=dtype)
+        model, tok = load_smollm2(dtype=dtype, attn_implementation=attn)
     elif name == "tiny-random":
         model, tok = tiny_random_model(seed, dtype=dtype)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         kwargs = {"dtype": dtype, "local_files_only": True}
-        if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-            kwargs["attn_implementation"] = "flash_attention_2"
+        if attn:
+            kwargs["attn_implementation"] = attn
         try:
             tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
