@@ -4,7 +4,9 @@ A partial for a piece of the vocabulary holds, per row, relative to that piece's
     m,  S = sum exp(z - m),  Sd = sum exp(z - m)(z - m),  zy (the target logit if in the piece, else 0)
 and optionally  S2 = sum exp(2(z - m)),  S2d = sum exp(2(z - m))(z - m).
 Both the Triton kernels (one partial per vocabulary split) and the chunked torch path (one per chunk)
-produce this layout, stacked as [stats, pieces, N].
+produce this layout, stacked as [stats, pieces, N]. Across the ranks of a vocabulary-parallel group the same
+merge runs as collectives (fused_rlvr.distributed): an all-reduce MAX of m, `rescale_partials` to that max,
+then one all-reduce SUM of the rest.
 """
 
 from __future__ import annotations
@@ -15,8 +17,26 @@ STATS_BASIC = 4
 STATS_MOMENTS = 6
 
 
+def rescale_partials(part: torch.Tensor, big_m: torch.Tensor) -> torch.Tensor:
+    """Partials [stats, ...] re-expressed relative to a larger max `big_m` (broadcast against part[0]).
+
+    Returns [stats - 1, ...]: S, Sd, zy (and S2, S2d) relative to big_m, ready to be summed over pieces:
+    with shift = m - big_m <= 0 and w = exp(shift), S' = w S and Sd' = w (Sd + shift S) (S2 and S2d use w^2).
+    """
+    m = part[0]
+    shift = m - big_m
+    w = torch.exp(shift)
+    s = part[1]
+    out = [w * s, w * (part[2] + shift * s), part[3]]
+    if part.shape[0] == STATS_MOMENTS:
+        w2 = w * w
+        s2 = part[4]
+        out += [w2 * s2, w2 * (part[5] + shift * s2)]
+    return torch.stack(out)
+
+
 def reduce_partials(part: torch.Tensor) -> torch.Tensor:
-    """Merge [stats, pieces, N] into [stats, N], rescaled to the overall max."""
+    """Merge [stats, pieces, N] into [stats, N], rescaled to the overall max (`rescale_partials`, summed)."""
     m = part[0]
     big_m = m.max(dim=0).values
     shift = m - big_m

@@ -44,6 +44,14 @@ def _logits(h, weight, bias, v0, v1, params):
 
 
 def forward(hidden, weight, bias, targets, params) -> dict[str, torch.Tensor]:
+    return finalize(forward_partials(hidden, weight, bias, targets, params))
+
+
+def forward_partials(hidden, weight, bias, targets, params) -> torch.Tensor:
+    """Merged online-softmax partials [stats, N] over this weight's rows (see fused_rlvr._partials).
+
+    Targets outside [0, V) (another rank's vocabulary shard) contribute no target logit.
+    """
     n, vocab = hidden.shape[0], weight.shape[0]
     rows, chunk = _blocks(n, vocab)
     n_stats = STATS_MOMENTS if params.moments else STATS_BASIC
@@ -67,7 +75,7 @@ def forward(hidden, weight, bias, targets, params) -> dict[str, torch.Tensor]:
                 piece[5, r0:r1] = de.mul_(e).sum(1)
                 piece[4, r0:r1] = e.square_().sum(1)
         state = piece if v0 == 0 else reduce_partials(torch.stack([state, piece], dim=1))
-    return finalize(state)
+    return state
 
 
 def backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy, params, needs):

@@ -25,12 +25,18 @@ def _module(params):
 
 
 def forward(hidden, weight, bias, targets, params) -> dict[str, torch.Tensor]:
+    return finalize(forward_partials(hidden, weight, bias, targets, params))
+
+
+def forward_partials(hidden, weight, bias, targets, params) -> torch.Tensor:
+    """Merged partials [stats, N]; a target outside [0, V) must be negative (it is never matched, while a
+    target past V could match a masked tail column)."""
     part = _module(params).forward(
         hidden, weight, bias, targets,
         inv_temperature=1.0 / params.temperature, softcap=params.softcap,
         moments=params.moments, interpret=params.interpret,
     )
-    return finalize(reduce_partials(part))
+    return reduce_partials(part)
 
 
 def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

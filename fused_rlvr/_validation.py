@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from numbers import Real
 
 import torch
@@ -21,6 +22,8 @@ def set_target_check(enabled: bool) -> None:
     hot GPU path whose targets are known to be valid, turn it off with `set_target_check(False)` or by
     setting FUSED_RLVR_CHECK_TARGETS=0 before import. Unchecked out-of-range targets give a log-prob that
     ignores the target logit (a wrong value), never a memory error: the kernels clamp every index.
+    It also turns off the per-call layout/consistency all_gather of a vocabulary-parallel call
+    (`process_group=`), whose shard layout is then trusted.
     """
     global _check_targets
     _check_targets = bool(enabled)
@@ -55,10 +58,32 @@ def check_tensor(name: str, value) -> torch.Tensor:
     return value
 
 
-def check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend) -> None:
+def _is_dtensor(value) -> bool:
+    mod = sys.modules.get("torch.distributed.tensor")  # loaded whenever a DTensor can exist
+    return mod is not None and isinstance(value, mod.DTensor)
+
+
+def check_plain(name: str, value) -> None:
+    """The fused ops take plain tensors; a DTensor here is an FSDP2- or TP-sharded parameter."""
+    if _is_dtensor(value):
+        raise TypeError(
+            f"{name} is a DTensor (placements {tuple(value.placements)}): an FSDP2-sharded lm-head must be "
+            "called through fused_rlvr.distributed.fsdp2_lm_head_call(lm_head, fn, ...) so that FSDP2 "
+            "gathers it; a vocabulary shard goes in as weight.to_local() with process_group"
+        )
+
+
+def check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend, *, check_targets=True) -> None:
+    """Shapes, dtypes and devices; with check_targets (and the target check on) every target in [0, V).
+
+    The vocabulary-parallel path passes check_targets=False: its targets range over the whole vocabulary,
+    which only the ranks together know (fused_rlvr.distributed checks them against it).
+    """
     check_tensor("hidden", hidden)
     check_tensor("weight", weight)
     check_tensor("targets", targets)
+    for name, value in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        check_plain(name, value)
     if hidden.dim() < 1 or hidden.shape[-1] == 0:
         raise ValueError(f"hidden must be [..., H] with H >= 1, got shape {tuple(hidden.shape)}")
     if hidden.dtype not in FLOAT_DTYPES:
@@ -99,7 +124,7 @@ def check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend) ->
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     one_of("backend", backend, BACKENDS)
-    if _check_targets and targets.numel():
+    if check_targets and _check_targets and targets.numel():
         vocab = weight.shape[0]
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
         if bool(bad.any()):

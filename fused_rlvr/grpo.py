@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -207,6 +207,9 @@ def linear_grpo_loss(
     max_len: Optional[int] = None,
     old_entropy: Optional[torch.Tensor] = None,
     logratio_clamp: float = 20.0,
+    process_group: Any = None,
+    vocab_start: Optional[int] = None,
+    reduce_grad_hidden: bool = True,
 ) -> tuple[torch.Tensor, GRPOStats]:
     """Clipped-surrogate GRPO-family loss straight from hidden states [B, T, H] and the lm-head.
 
@@ -221,6 +224,9 @@ def linear_grpo_loss(
     Without old_logprobs the ratio is 1 in value (lp.detach()). KL "k1", "k2", "k3" (clamped to [-10, 10]);
     a "+" suffix keeps the value and uses k2's gradient. `steer` (a SteerConfig) reweights the policy
     loss per token (old_entropy defaults to the current entropy, detached). No [B, T, V] tensor exists.
+    process_group / vocab_start / reduce_grad_hidden: `weight` (and `bias`) is this rank's vocabulary shard
+    of a vocabulary-parallel lm-head, as in `linear_logprobs`; every other input is the same on all ranks,
+    and so are the loss and stats; weight/bias get this shard's gradient, hidden the full one.
 
     Returns (loss, GRPOStats).
     """
@@ -241,7 +247,9 @@ def linear_grpo_loss(
     ignore = -100
     y = torch.where(m > 0, targets, torch.full_like(targets, ignore))
     moments = steer is not None and steer.mode == "exact"
-    lp_params = make_params(hidden, weight, y, bias, temperature, softcap, ignore, backend, moments)
+    lp_params = make_params(hidden, weight, y, bias, temperature, softcap, ignore, backend, moments,
+                            process_group=process_group, vocab_start=vocab_start,
+                            reduce_grad_hidden=reduce_grad_hidden)
     lp, ent, p2, p2logp = fused_token_stats(hidden, weight, bias, y, lp_params)
 
     # 2. STEER weights (no grad) and 3. the per-token epilogue feeding the fused backward

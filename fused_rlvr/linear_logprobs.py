@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import Any, Optional
 
 import torch
 
 from fused_rlvr import _torch_backend, _triton_backend
 from fused_rlvr._kernels import triton_available
+from fused_rlvr._partials import finalize
 from fused_rlvr._validation import check_linear_inputs, positive_finite
+from fused_rlvr.distributed import VocabShard, vocab_shard
 from fused_rlvr.types import TokenStats
 
 
@@ -23,6 +25,7 @@ class LogprobParams:
     backend: str = "torch"  # "triton" or "torch"
     interpret: bool = False  # Triton kernels run by the interpreter (CPU tensors)
     moments: bool = False  # also return sum p^2 and sum p^2 log p (forward only)
+    shard: Optional[VocabShard] = None  # vocabulary-parallel: weight/bias hold these rows of the lm-head
 
 
 def resolve_backend(backend: str, device: torch.device) -> tuple[str, bool]:
@@ -65,7 +68,11 @@ def forward_stats(hidden, weight, bias, targets, params: LogprobParams) -> dict[
     if yv.numel() == 0:
         keys = ["logprob", "entropy", "lse"] + (["sum_p2", "sum_p2_logp"] if params.moments else [])
         return {k: torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device) for k in keys}
-    stats = _impl(params).forward(hv, weight, bias, yv, params)
+    if params.shard is None:
+        stats = _impl(params).forward(hv, weight, bias, yv, params)
+    else:  # this shard's partials, merged with the other ranks' (fused_rlvr.distributed)
+        part = _impl(params).forward_partials(hv, weight, bias, params.shard.local_targets(yv), params)
+        stats = finalize(params.shard.all_reduce_partials(part))
     return {k: _scatter_rows(v, rows, n).view(targets.shape) for k, v in stats.items()}
 
 
@@ -99,7 +106,11 @@ class LinearLogprobFunction(torch.autograd.Function):
 @torch.compiler.disable
 def backward_grads(hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy,
                    params: LogprobParams, needs):
-    """(d_hidden, d_weight, d_bias) for upstream grads of the per-token outputs (None where not needed)."""
+    """(d_hidden, d_weight, d_bias) for upstream grads of the per-token outputs (None where not needed).
+
+    Vocabulary-parallel: d_weight and d_bias are this rank's shard; d_hidden is all-reduced over the group
+    (in fp32, before the cast to hidden's dtype) unless the shard says the caller does it.
+    """
     h2, y, rows, hv, yv = _flatten(hidden, targets, params.ignore_index)
     if yv.numel() == 0:
         return tuple(torch.zeros_like(t) if need else None for t, need in zip((hidden, weight, bias), needs))
@@ -108,14 +119,17 @@ def backward_grads(hidden, weight, bias, targets, lse, entropy, grad_logprob, gr
         t = t.reshape(-1)
         return (t if rows is None else t.index_select(0, rows)).float().contiguous()
 
+    shard = params.shard
     dhv, dw, db = _impl(params).backward(
-        hv, weight, bias, yv, valid(lse), valid(entropy),
+        hv, weight, bias, yv if shard is None else shard.local_targets(yv), valid(lse), valid(entropy),
         None if grad_logprob is None else valid(grad_logprob),
         None if grad_entropy is None else valid(grad_entropy),
         params, needs,
     )
     dh = None
     if dhv is not None:
+        if shard is not None:
+            dhv = shard.all_reduce_grad_hidden(dhv)
         dhv = dhv.to(hidden.dtype)
         dh = dhv if rows is None else h2.new_zeros(h2.shape).index_copy_(0, rows, dhv)
         dh = dh.view(hidden.shape)
@@ -124,13 +138,34 @@ def backward_grads(hidden, weight, bias, targets, lse, entropy, grad_logprob, gr
     return dh, dw, db
 
 
-def make_params(hidden, weight, targets, bias, temperature, softcap, ignore_index, backend, moments=False):
-    """Validate the public arguments and build the LogprobParams for them."""
-    check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend)
-    temperature = positive_finite("temperature", temperature)
-    softcap = positive_finite("softcap", softcap, allow_none=True)
-    resolved, interpret = resolve_backend(backend, hidden.device)
-    return LogprobParams(temperature, softcap, ignore_index, resolved, interpret, moments)
+def make_params(hidden, weight, targets, bias, temperature, softcap, ignore_index, backend, moments=False, *,
+                process_group: Any = None, vocab_start: Optional[int] = None,
+                reduce_grad_hidden: bool = True) -> LogprobParams:
+    """Validate the public arguments and build the LogprobParams for them.
+
+    With a process_group, weight/bias are this rank's vocabulary shard: the checks then run on every rank
+    together (fused_rlvr.distributed.vocab_shard) and the params carry the resolved VocabShard.
+    """
+    def local_check():
+        check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend,
+                            check_targets=process_group is None)
+        temp = positive_finite("temperature", temperature)
+        cap = positive_finite("softcap", softcap, allow_none=True)
+        resolved, interpret = resolve_backend(backend, hidden.device)
+        params = LogprobParams(temp, cap, ignore_index, resolved, interpret, moments)
+        return params, (temp, cap, ignore_index, str(hidden.dtype), bias is not None, moments)
+
+    if process_group is None:
+        if vocab_start is not None:
+            raise ValueError(f"vocab_start={vocab_start!r} is only used with process_group (a "
+                             "vocabulary-parallel lm-head); pass process_group too or leave vocab_start=None")
+        if reduce_grad_hidden is not True:
+            raise ValueError("reduce_grad_hidden=False is only used with process_group (a vocabulary-"
+                             "parallel lm-head, whose d_hidden is otherwise all-reduced over the group)")
+        return local_check()[0]
+    params, shard = vocab_shard(process_group, vocab_start, hidden, weight, targets, ignore_index,
+                                local_check=local_check, reduce_grad_hidden=reduce_grad_hidden)
+    return replace(params, shard=shard)
 
 
 def linear_logprobs(
@@ -144,6 +179,9 @@ def linear_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = True,
     backend: str = "auto",
+    process_group: Any = None,
+    vocab_start: Optional[int] = None,
+    reduce_grad_hidden: bool = True,
 ) -> TokenStats:
     """Per-token log-probabilities (and entropy) of `targets` under an lm-head, without the [N, V] logits.
 
@@ -168,11 +206,23 @@ def linear_logprobs(
         return_entropy: if False, `TokenStats.entropy` is None.
         backend: "auto" (Triton on CUDA, chunked torch on CPU), "triton" (on CPU: the Triton interpreter),
             or "torch".
+        process_group: vocabulary-parallel lm-head (a ProcessGroup or 1-D DeviceMesh): `weight` and `bias`
+            are this rank's contiguous shard of the rows, hidden states and targets are the same on every
+            rank, and targets are global ids in [0, V_total). The outputs equal the single-process op on the
+            whole weight, on every rank; the gradients are this rank's weight/bias shard and the full
+            d_hidden (all-reduced over the group inside the backward). See `fused_rlvr.distributed`.
+        vocab_start: with process_group (required there), this rank's first vocabulary row: `weight` holds
+            rows [vocab_start, vocab_start + weight.shape[0]). Shards may be uneven and in any rank order,
+            but must tile [0, V_total) exactly.
+        reduce_grad_hidden: with process_group, False leaves d_hidden as this shard's partial sum (for
+            callers that reduce it themselves, e.g. sequence parallelism).
 
     Under `torch.no_grad()` (or when nothing requires grad) only the forward runs and nothing is saved.
     The target-range check costs a device sync: see `fused_rlvr.set_target_check` to skip it.
     """
-    params = make_params(hidden, weight, targets, bias, temperature, softcap, ignore_index, backend)
+    params = make_params(hidden, weight, targets, bias, temperature, softcap, ignore_index, backend,
+                         process_group=process_group, vocab_start=vocab_start,
+                         reduce_grad_hidden=reduce_grad_hidden)
     lp, ent, _, _ = fused_token_stats(hidden, weight, bias, targets, params)
     return TokenStats(lp, ent if return_entropy else None)
 
@@ -199,11 +249,15 @@ def linear_entropy_moments(
     softcap: Optional[float] = None,
     ignore_index: int = -100,
     backend: str = "auto",
+    process_group: Any = None,
+    vocab_start: Optional[int] = None,
 ) -> dict[str, torch.Tensor]:
     """No-grad forward with the entropy-change moments (RESEARCH.md section 1).
 
     Returns fp32 tensors shaped like targets: logprob, entropy, lse, sum_p2 = sum_v p_v^2 and
     sum_p2_logp = sum_v p_v^2 log p_v — what the first-order entropy-change estimate needs.
+    process_group / vocab_start: a vocabulary-parallel weight shard, as in `linear_logprobs`.
     """
-    params = make_params(hidden, weight, targets, bias, temperature, softcap, ignore_index, backend, True)
+    params = make_params(hidden, weight, targets, bias, temperature, softcap, ignore_index, backend, True,
+                         process_group=process_group, vocab_start=vocab_start)
     return forward_stats(hidden, weight, bias, targets, params)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -106,6 +106,9 @@ def linear_pacs_loss(
     softcap: Optional[float] = None,
     backend: str = "auto",
     normalizer: Optional[float] = None,
+    process_group: Any = None,
+    vocab_start: Optional[int] = None,
+    reduce_grad_hidden: bool = True,
 ) -> tuple[torch.Tensor, PACSStats]:
     """PACS loss straight from hidden states [B, T, H] and the lm-head (the authors' code is the default).
 
@@ -113,6 +116,8 @@ def linear_pacs_loss(
     each group (`group_ids` [B], groups may differ in size), then BCE-with-logits against the 0/1
     verifier outcome `rewards` [B]; see `pacs_loss_from_scores`. The gradient w.r.t. each valid token's
     log-prob is beta * (e_i - mean_{j != i} e_j), e_i = w_i (sigmoid(psi_i) - R_i) / N, for rloo.
+    process_group / vocab_start / reduce_grad_hidden: `weight` (and `bias`) is this rank's vocabulary shard
+    of a vocabulary-parallel lm-head, as in `linear_logprobs`; all other inputs are replicated.
     """
     check_tensor("hidden", hidden)
     check_tensor("rewards", rewards)
@@ -133,7 +138,9 @@ def linear_pacs_loss(
     m = as_mask("mask", mask, b_t)
     old = per_token("old_logprobs", old_logprobs, b_t, allow_none=False)
     y = torch.where(m > 0, targets, torch.full_like(targets, -100))
-    params = make_params(hidden, weight, y, bias, temperature, softcap, -100, backend)
+    params = make_params(hidden, weight, y, bias, temperature, softcap, -100, backend,
+                         process_group=process_group, vocab_start=vocab_start,
+                         reduce_grad_hidden=reduce_grad_hidden)
     lp, _ent, _, _ = fused_token_stats(hidden, weight, bias, y, params)
     if params.backend == "triton":
         scores = _SequenceScoreTriton.apply(lp, old, m, beta, params.interpret)
