@@ -287,6 +287,9 @@ def test_verifier_uses_the_final_answer():
     assert v("The answer is 12.", "12") == 1.0
     assert v("7 then 8", "7") == 0.0
     assert v("no number here", "7") == 0.0
+    # a restated expression is not an answer (math-verify alone evaluates it: a policy learned this exploit)
+    assert v("To find 25 - 10, we need", "15") == 0.0
+    assert v("25 - 10 = 15", "15") == 1.0 and v("\\boxed{15}", "15") == 1.0 and v("x = 1/2", "0.5") == 1.0
 
 
 def test_jsonl_task_trains_and_reports_errors_with_file_and_line(tmp_path):
