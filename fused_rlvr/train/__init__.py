@@ -18,7 +18,17 @@ __all__ = [
 
 
 def train(cfg: TrainConfig, hooks=()) -> dict:
-    """Run the trainer on `cfg` with extra `hooks`; returns the summary (also written to out_dir)."""
+    """Run the trainer on `cfg` with extra `hooks`; returns the summary (also written to out_dir).
+
+    Under torchrun with several processes, or with `cfg.fsdp`, the FSDP2 trainer
+    (`fused_rlvr.train.distributed.DistributedTrainer`) runs instead, on every rank."""
+    from fused_rlvr.train import distributed
+
+    if distributed.requested(cfg):
+        trainer = distributed.DistributedTrainer(cfg, hooks)
+        summary = trainer.train()
+        trainer.close()
+        return summary
     from fused_rlvr.train.trainer import Trainer
 
     return Trainer(cfg, hooks).train()
@@ -27,8 +37,12 @@ def train(cfg: TrainConfig, hooks=()) -> dict:
 def main(argv=None) -> int:
     import json
 
+    from fused_rlvr.train.distributed import is_main_process
+
     cfg = config_from_args(argv)
     summary = train(cfg)
+    if not is_main_process():  # rank 0 reports
+        return 0 if summary["status"] == "finished" else 130
     before, after = summary["before"]["accuracy"], summary.get("after", {}).get("accuracy")
     print(json.dumps({k: summary[k] for k in ("status", "step", "checkpoint", "total_seconds")}, indent=None))
     if after is not None:

@@ -142,6 +142,12 @@ class TrainConfig:
         "fused-op backend (auto: Triton on CUDA, chunked torch on CPU)",
         choices=("auto", "triton", "torch"),
     )
+    fsdp: bool = _f(
+        False,
+        "shard the model with FSDP2 (fully_shard) over the processes of `torchrun --nproc_per_node N`, "
+        "each rolling out prompts_per_step / N prompts; sharded checkpoints (torch.distributed.checkpoint). "
+        "On by itself when WORLD_SIZE > 1",
+    )
     out_dir: str = _f("runs/default", "output folder: metrics, plots, checkpoints, summary")
     eval_every: int = _f(0, "held-out evaluation every k steps (0: only before and after)", lo=0)
     save_every: int = _f(10, "checkpoint every k steps (0: only at the end and on SIGINT/SIGTERM)", lo=0)

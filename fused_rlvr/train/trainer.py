@@ -266,15 +266,21 @@ class Trainer:
         batch.extend(groups, ids, texts, trunc, tags)
         batch.rewards = torch.cat([batch.rewards, self._verify(batch, range(n0, len(batch)))])
 
+    def _batch_counts(self, batch: RolloutBatch, rows: torch.Tensor) -> tuple[float, float]:
+        """(response tokens, sequences) of the minibatch `rows`: what the whole-batch normalisers count (the
+        FSDP trainer sums them over the ranks)."""
+        return float(sum(len(batch.response_ids[int(i)]) for i in rows)), float(len(rows))
+
     def _divisor(self, batch: RolloutBatch, rows: torch.Tensor) -> float:
-        kind = _DIVISOR[self.cfg.loss_agg]
+        tokens, seqs = self._batch_counts(batch, rows)
+        kind = "seqs" if self.cfg.algorithm == "pacs" else _DIVISOR[self.cfg.loss_agg]
         if kind == "tokens":
-            return max(1.0, float(sum(len(batch.response_ids[int(i)]) for i in rows)))
+            return max(1.0, tokens)
         if kind == "seqs":
-            return float(len(rows))
+            return seqs
         if kind == "max_len":
             return float(self.cfg.max_new_tokens)
-        return float(len(rows) * self.cfg.max_new_tokens)
+        return seqs * self.cfg.max_new_tokens
 
     def _micro_batches(self, batch: RolloutBatch, rows: torch.Tensor) -> list[torch.Tensor]:
         mb = self.cfg.micro_batch
@@ -350,14 +356,16 @@ class Trainer:
         return loss, stats, int(st.n_tokens)
 
     def _minibatches(self, batch: RolloutBatch) -> list[torch.Tensor]:
-        """Rows of each minibatch (one optimizer step each), shuffled when there are several; PACS splits
-        by whole groups (its baselines are within a group)."""
+        """Rows of each non-empty minibatch (one optimizer step each), shuffled when there are several; PACS
+        splits by whole groups (its baselines are within a group)."""
         k = self.cfg.minibatches
         if self.cfg.algorithm != "pacs":
             order = torch.randperm(len(batch)) if k > 1 else torch.arange(len(batch))
-            return list(order.tensor_split(k))
-        groups = torch.randperm(batch.n_groups) if k > 1 else torch.arange(batch.n_groups)
-        return [torch.nonzero(torch.isin(batch.group, gs)).flatten() for gs in groups.tensor_split(k)]
+            parts = list(order.tensor_split(k))
+        else:
+            groups = torch.randperm(batch.n_groups) if k > 1 else torch.arange(batch.n_groups)
+            parts = [torch.nonzero(torch.isin(batch.group, gs)).flatten() for gs in groups.tensor_split(k)]
+        return [rows for rows in parts if len(rows)]
 
     def _update(self, batch: RolloutBatch, adv: torch.Tensor, old, ref) -> dict[str, float]:
         c = self.cfg
@@ -366,9 +374,7 @@ class Trainer:
         grad_norms = []
         for _epoch in range(c.epochs):
             for rows in self._minibatches(batch):
-                if len(rows) == 0:
-                    continue
-                divisor = self._divisor(batch, rows) if c.algorithm != "pacs" else float(len(rows))
+                divisor = self._divisor(batch, rows)
                 self.optimizer.zero_grad(set_to_none=True)
                 for mb in self._micro_batches(batch, rows):
                     loss, stats, k = self._loss(batch, mb, adv, old, ref, divisor)
@@ -473,6 +479,11 @@ class Trainer:
 
     def load(self, folder: str) -> None:
         state = checkpoint.load(folder)
+        if state.get("format") == "dcp":
+            raise ValueError(
+                f"cannot resume from {folder}: it is a sharded FSDP2 checkpoint; resume it with --fsdp true "
+                "(under torchrun with as many processes as wrote it)"
+            )
         saved = state["config"]
         diff = [
             f"{k}: checkpoint {saved.get(k)!r} vs config {getattr(self.cfg, k)!r}"
