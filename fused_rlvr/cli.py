@@ -1,4 +1,5 @@
-"""Command line: `fused-rlvr train` (RLVR training, also `python -m fused_rlvr.train`), `fused-rlvr demo`."""
+"""Command line: `fused-rlvr train` (RLVR training, also `python -m fused_rlvr.train`), `fused-rlvr eval`
+(base vs trained: pass@k, entropies, the Invisible-Leash tables), `fused-rlvr demo`."""
 
 from __future__ import annotations
 
@@ -73,9 +74,14 @@ def main(argv=None) -> int:
         from fused_rlvr.train import main as train_main
 
         return train_main(argv[1:])
+    if argv[:1] == ["eval"]:
+        from fused_rlvr.train.evaluate import main as eval_main
+
+        return eval_main(argv[1:])
     ap = argparse.ArgumentParser(prog="fused-rlvr", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="RLVR training (GRPO / PACS / STEER / DARS); see `fused-rlvr train --help`")
+    sub.add_parser("eval", help="base vs trained: pass@k, entropies, P/E/S/O; see `fused-rlvr eval --help`")
     d = sub.add_parser("demo", help="fused vs materialised log-probs of SmolLM2 on CPU, and the memory saved")
     d.add_argument("--max-len", type=int, default=64, help="tokens per sequence (111 sequences)")
     d.set_defaults(func=demo)

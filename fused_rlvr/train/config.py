@@ -106,6 +106,48 @@ class TrainConfig:
         "hardness weighted ('hw') (None: off)",
         choices=(None, "et", "hw"),
     )
+    # --- seed-paper methods (fused_rlvr.train.methods)
+    reward: str = _f(
+        "verifier",
+        "reward: the task's verifier (0/1), or RLPR's verifier-free reward (the policy's mean probability "
+        "of the reference answer spliced in place of the generated one, minus the initial policy's "
+        "no-reasoning score, mixed with a format reward)",
+        choices=("verifier", "rlpr"),
+    )
+    rlpr_weight: float = _f(
+        0.9, "RLPR: weight w of the probability reward; 1 - w goes to the format reward", lo=0.0, hi=1.0
+    )
+    rlpr_std_filter: bool = _f(
+        False, "RLPR reward-std filter: drop prompts whose reward std < beta * EMA(mean std) (any reward)"
+    )
+    rlpr_std_beta: float = _f(0.5, "RLPR std filter: beta (authors: 0.5 for Qwen)", lo=0.0, lo_open=True)
+    rlpr_std_ema: float = _f(0.99, "RLPR std filter: EMA ratio of the mean std", lo=0.0, hi=0.9999)
+    refill_rounds: int = _f(
+        0,
+        "rounds of new prompts sampled to refill the batch after group filtering (drop_uniform_groups, "
+        "the std filter)",
+        lo=0,
+    )
+    rank_shaping: bool = _f(
+        False,
+        "VERL: shape advantages with the effective rank (ER, ERV, ERA) of each response's final hidden "
+        "states against moving means",
+    )
+    guidance: Optional[str] = _f(
+        None,
+        "Agent-RLVR guidance for prompts whose samples all failed: re-prompt with the verifier's feedback "
+        "and a plan hint; 'grpo': the guided samples join the group, scored under the unguided prompt; "
+        "'dpo': they feed a DPO loss (guided successes vs failures) instead (None: off)",
+        choices=(None, "grpo", "dpo"),
+    )
+    guidance_samples: int = _f(4, "guided samples per failed prompt", lo=1)
+    guidance_hint: bool = _f(
+        True,
+        "guidance: put a plan hint (built-in arithmetic task: a decomposition that leaves the last step, "
+        "never the answer) in the guided prompt; False: the verifier's feedback only",
+    )
+    dpo_beta: float = _f(0.1, "guidance='dpo': DPO beta", lo=0.0, lo_open=True)
+    dpo_coef: float = _f(1.0, "guidance='dpo': weight of the DPO loss added to the policy loss", lo=0.0)
     # --- optimisation
     lr: float = _f(2e-5, "AdamW learning rate", lo=0.0, lo_open=True)
     weight_decay: float = _f(0.0, "AdamW weight decay", lo=0.0)
@@ -177,6 +219,13 @@ class TrainConfig:
                 "config fields 'steer', 'beta' and 'entropy_coef' apply to algorithm='grpo' only; "
                 "PACS has its own loss"
             )
+        if self.algorithm == "pacs" and (self.rank_shaping or self.guidance == "dpo"):
+            raise ValueError(
+                "config fields 'rank_shaping' and guidance='dpo' apply to algorithm='grpo' only; "
+                "PACS does not use advantages"
+            )
+        if self.rlpr_std_filter and self.group_size < 2:
+            raise ValueError("config field 'group_size' must be >= 2 with rlpr_std_filter (a reward std)")
         if self.advantage == "rloo" and self.group_size < 2:
             raise ValueError("config field 'group_size' must be >= 2 with advantage='rloo'")
         return self
@@ -199,6 +248,10 @@ COMPATIBILITY_FIELDS = (
     "minibatches",
     "dars",
     "dtype",
+    "reward",
+    "rlpr_std_filter",
+    "rank_shaping",
+    "guidance",
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -232,6 +285,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eps_high": 0.2,
         "out_dir": "runs/dars-b",
     },
+    # RLPR: verifier-free probability reward with the reward-std filter, refilling dropped prompts.
+    "rlpr": {"reward": "rlpr", "rlpr_std_filter": True, "refill_rounds": 2, "out_dir": "runs/rlpr"},
+    # VERL: advantages shaped by the effective rank of the responses' final hidden states.
+    "verl": {"rank_shaping": True, "out_dir": "runs/verl"},
+    # Agent-RLVR: guided re-attempts of failed prompts join their groups (guidance='dpo' for the DPO form).
+    "guidance": {"guidance": "grpo", "out_dir": "runs/guidance"},
     # GPU-sized GRPO (DAPO-style loss) for an HF model given with --model.
     "gpu": {
         "device": "cuda",

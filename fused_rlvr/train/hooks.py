@@ -45,6 +45,14 @@ class Hook:
         """Replace or adjust the [B] rewards (verifier outcomes on entry). May score with the policy."""
         return rewards
 
+    def keep_groups(self, trainer: Trainer, batch: RolloutBatch) -> Optional[torch.Tensor]:
+        """After the reward hooks: a bool [n_groups] tensor, False for groups to drop (e.g. RLPR's reward-std
+        filter), or None to keep them all. Every hook sees every candidate group; a group is kept only if
+        no hook (and not `drop_uniform_groups`) drops it. When groups are dropped and `refill_rounds`
+        allows, the trainer samples new prompts for the missing groups, rolls them out, verifies them, runs
+        the extra-rollout and reward hooks on them and asks this method again about the new groups only."""
+        return None
+
     def advantages(self, trainer: Trainer, batch: RolloutBatch, advantages: torch.Tensor) -> torch.Tensor:
         """Shape the [B] (or [B, T]) advantages."""
         return advantages

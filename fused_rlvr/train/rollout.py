@@ -82,6 +82,28 @@ class RolloutBatch:
             out.rewards = self.rewards[rows]
         return out
 
+    def select_groups(self, keep: torch.Tensor) -> RolloutBatch:
+        """The groups where `keep` (bool [n_groups]) is True, renumbered densely in their order."""
+        keep = torch.as_tensor(keep, dtype=torch.bool).flatten()
+        if keep.numel() != self.n_groups:
+            raise ValueError(f"keep must be bool [n_groups] = ({self.n_groups},), got {tuple(keep.shape)}")
+        return self.select(torch.nonzero(keep[self.group]).flatten())
+
+    def concat(self, other: RolloutBatch) -> RolloutBatch:
+        """This batch followed by `other`; other's groups are numbered after this batch's."""
+        if (self.rewards is None) != (other.rewards is None):
+            raise ValueError("concat needs both batches with rewards or both without")
+        return RolloutBatch(
+            problems=self.problems + other.problems,
+            prompt_ids=self.prompt_ids + other.prompt_ids,
+            group=torch.cat([self.group, other.group + self.n_groups]),
+            response_ids=self.response_ids + other.response_ids,
+            texts=self.texts + other.texts,
+            truncated=torch.cat([self.truncated, other.truncated]),
+            rewards=None if self.rewards is None else torch.cat([self.rewards, other.rewards]),
+            tags=self.tags + other.tags,
+        )
+
     def pack(self, rows: Optional[torch.Tensor], pad_id: int, device) -> dict[str, torch.Tensor]:
         """input_ids / attention_mask / response_mask [b, T] for the samples at `rows` (all if None)."""
         idx = range(len(self)) if rows is None else rows.tolist()

@@ -1,7 +1,8 @@
 """The thin RLVR trainer: one loop, in phases, over the fused losses.
 
-    sample prompts -> rollouts -> verify -> extra rollouts (hooks) -> rewards (hooks) -> advantages
-    -> old / reference log-probs -> update (epochs x minibatches x micro-batches) -> log / eval / checkpoint
+    sample prompts -> rollouts -> verify -> extra rollouts (hooks) -> rewards (hooks) -> group filters
+    (refilled with new prompts) -> advantages -> old / reference log-probs -> update (epochs x minibatches x
+    micro-batches) -> log / eval / checkpoint
 
 Every log-prob (policy, old, reference, hook scoring) comes from the fused op on the model's last hidden
 states and lm-head weight (`fused_rlvr.integrations.hf`): no [tokens x vocab] logits exist in training or
@@ -32,6 +33,7 @@ from fused_rlvr.pacs import linear_pacs_loss
 from fused_rlvr.train import checkpoint
 from fused_rlvr.train.config import COMPATIBILITY_FIELDS, TrainConfig
 from fused_rlvr.train.hooks import DarsHook, Hook, RolloutRequest
+from fused_rlvr.train.methods import build_hooks
 from fused_rlvr.train.metrics import MetricsLog, plot
 from fused_rlvr.train.rollout import RolloutBatch, format_prompt, generate
 from fused_rlvr.train.tasks import Problem, Verifier, make_task
@@ -96,6 +98,7 @@ class Trainer:
         self.heldout = self.task.heldout()[: cfg.n_eval]
         self.verifier = Verifier()
         self.hooks: list[Hook] = list(hooks) + ([DarsHook(cfg.dars)] if cfg.dars else [])
+        self.hooks += build_hooks(self)  # RLPR, std filter, rank shaping, guidance, as the config asks
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warm = cfg.warmup_steps
@@ -266,6 +269,44 @@ class Trainer:
         batch.extend(groups, ids, texts, trunc, tags)
         batch.rewards = torch.cat([batch.rewards, self._verify(batch, range(n0, len(batch)))])
 
+    def _hook_rollouts_and_rewards(self, batch: RolloutBatch) -> None:
+        self._extra_rollouts(batch, [r for h in self.hooks for r in h.extra_rollouts(self, batch)])
+        for h in self.hooks:
+            batch.rewards = h.rewards(self, batch, batch.rewards)
+
+    def _keep_groups(self, batch: RolloutBatch) -> torch.Tensor:
+        """bool [n_groups]: not uniform (when drop_uniform_groups) and kept by every hook's keep_groups."""
+        keep = torch.ones(batch.n_groups, dtype=torch.bool)
+        if self.cfg.drop_uniform_groups:
+            for g in range(batch.n_groups):
+                keep[g] = batch.rewards[batch.group_rows(g)].unique().numel() > 1
+        for h in self.hooks:
+            k = h.keep_groups(self, batch)
+            if k is None:
+                continue
+            k = torch.as_tensor(k, dtype=torch.bool).flatten().cpu()
+            if k.numel() != batch.n_groups:
+                raise ValueError(
+                    f"hook {h.name!r}: keep_groups returned {k.numel()} values for {batch.n_groups} groups"
+                )
+            keep &= k
+        return keep
+
+    def _filter_groups(self, batch: RolloutBatch, rec: dict[str, Any]) -> RolloutBatch:
+        c = self.cfg
+        keep = self._keep_groups(batch)
+        dropped, rounds = int((~keep).sum()), 0
+        batch = batch.select_groups(keep)
+        while batch.n_groups < c.prompts_per_step and rounds < c.refill_rounds:
+            rounds += 1
+            new = self._rollouts(self.task.sample(self.data_rng, c.prompts_per_step - batch.n_groups))
+            self._hook_rollouts_and_rewards(new)
+            keep = self._keep_groups(new)
+            dropped += int((~keep).sum())
+            batch = batch.concat(new.select_groups(keep))
+        rec.update(groups_dropped=float(dropped), refill_rounds=float(rounds))
+        return batch
+
     def _batch_counts(self, batch: RolloutBatch, rows: torch.Tensor) -> tuple[float, float]:
         """(response tokens, sequences) of the minibatch `rows`: what the whole-batch normalisers count (the
         FSDP trainer sums them over the ranks)."""
@@ -409,22 +450,16 @@ class Trainer:
             "response_length": float(batch.response_lengths().mean()),
             "truncated_frac": float(batch.truncated.float().mean()),
         }
-        # 4. extra rollouts the hooks ask for (DARS depth, guidance), verified and joined to their groups
-        self._extra_rollouts(batch, [r for h in self.hooks for r in h.extra_rollouts(self, batch)])
-        # 5. rewards: hooks may adjust or replace the verifier outcomes (RLPR, shaping)
-        for h in self.hooks:
-            batch.rewards = h.rewards(self, batch, batch.rewards)
-        # 6. groups whose rewards are all equal carry no signal: drop them if asked
-        if c.drop_uniform_groups:
-            keep = [
-                g for g in range(batch.n_groups) if batch.rewards[batch.group_rows(g)].unique().numel() > 1
-            ]
-            batch = batch.select(
-                torch.nonzero(torch.isin(batch.group, torch.tensor(keep, dtype=torch.long))).flatten()
-            )
+        # 4. extra rollouts the hooks ask for (DARS depth, guidance) and 5. rewards from the hooks (RLPR)
+        self._hook_rollouts_and_rewards(batch)
+        # 6. group filters (drop_uniform_groups, hooks' keep_groups: RLPR's std filter); new prompts through
+        #    phases 1-5 refill the dropped groups while refill rounds remain
+        batch = self._filter_groups(batch, rec)
         rec.update(n_samples=len(batch), n_groups=batch.n_groups, time_rollout=time.time() - t0)
         if len(batch) == 0:
             rec["skipped"] = 1.0
+            for h in self.hooks:
+                rec.update(h.metrics())
             return rec
         # 7. advantages (group baseline), then the shaping hooks
         adv = group_advantages(batch.rewards, batch.group, estimator=c.advantage, scale=c.adv_scale)
