@@ -254,6 +254,21 @@ COMPATIBILITY_FIELDS = (
     "guidance",
 )
 
+def check_compatible(saved: dict[str, Any], cfg: TrainConfig, folder: str) -> None:
+    """Refuse to resume from a checkpoint whose config differs in a COMPATIBILITY_FIELDS field; a field the
+    checkpoint predates counts as its default."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    diff = [
+        f"{k}: checkpoint {saved.get(k, defaults[k])!r} vs config {getattr(cfg, k)!r}"
+        for k in COMPATIBILITY_FIELDS
+        if saved.get(k, defaults[k]) != getattr(cfg, k)
+    ]
+    if diff:
+        raise ValueError(
+            f"cannot resume from {folder}: it was written with an incompatible config ({'; '.join(diff)})"
+        )
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The README's `make train`: SmolLM2-135M on 2 CPU cores in under 15 minutes.
     "default": {},

@@ -65,7 +65,7 @@ import torch.distributed as dist
 from fused_rlvr.distributed import fsdp2_lm_head_call
 from fused_rlvr.integrations.hf import last_hidden_states, lm_head
 from fused_rlvr.train import checkpoint
-from fused_rlvr.train.config import COMPATIBILITY_FIELDS, TrainConfig
+from fused_rlvr.train.config import TrainConfig, check_compatible
 from fused_rlvr.train.hooks import Hook
 from fused_rlvr.train.rollout import RolloutBatch
 from fused_rlvr.train.trainer import Trainer
@@ -179,16 +179,6 @@ def _no_extra_loss(extra_loss, name: str, trainer, batch) -> None:
         )
 
 
-def _check_compatible(saved: dict[str, Any], cfg: TrainConfig, folder: str) -> None:
-    diff = [
-        f"{k}: checkpoint {saved.get(k)!r} vs config {getattr(cfg, k)!r}"
-        for k in COMPATIBILITY_FIELDS
-        if saved.get(k) != getattr(cfg, k)
-    ]
-    if diff:
-        raise ValueError(
-            f"cannot resume from {folder}: it was written with an incompatible config ({'; '.join(diff)})"
-        )
 
 
 class DistributedTrainer(Trainer):
@@ -464,7 +454,7 @@ class DistributedTrainer(Trainer):
                 f"cannot resume from {folder}: it was written by a single-process run (the full model in "
                 "state.pt); resume it without torchrun and --fsdp"
             )
-        _check_compatible(meta["config"], self.cfg, folder)
+        check_compatible(meta["config"], self.cfg, folder)
         if meta["world_size"] != self.world_size:
             raise ValueError(
                 f"cannot resume from {folder}: it was written by {meta['world_size']} processes, this run "

@@ -74,7 +74,7 @@ def plot(records: list[dict[str, Any]], path: str, title: str = "") -> None:
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
-        if len(keys) > 1:
+        if len(keys) > 1 and ax.get_lines():
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     if title:

@@ -31,7 +31,7 @@ from fused_rlvr.integrations.hf import last_hidden_states, lm_head, sequence_tok
 from fused_rlvr.models import load_causal_lm
 from fused_rlvr.pacs import linear_pacs_loss
 from fused_rlvr.train import checkpoint
-from fused_rlvr.train.config import COMPATIBILITY_FIELDS, TrainConfig
+from fused_rlvr.train.config import TrainConfig, check_compatible
 from fused_rlvr.train.hooks import DarsHook, Hook, RolloutRequest
 from fused_rlvr.train.methods import build_hooks
 from fused_rlvr.train.metrics import MetricsLog, plot
@@ -519,18 +519,7 @@ class Trainer:
                 f"cannot resume from {folder}: it is a sharded FSDP2 checkpoint; resume it with --fsdp true "
                 "(under torchrun with as many processes as wrote it)"
             )
-        saved = state["config"]
-        diff = [
-            f"{k}: checkpoint {saved.get(k)!r} vs config {getattr(self.cfg, k)!r}"
-            for k in COMPATIBILITY_FIELDS
-            if saved.get(k) != getattr(self.cfg, k)
-        ]
-        if diff:
-            raise ValueError(
-                f"cannot resume from {folder}: it was written with an incompatible config ("
-                + "; ".join(diff)
-                + ")"
-            )
+        check_compatible(state["config"], self.cfg, folder)
         params = dict(self.model.named_parameters())
         names = {n for n, p in params.items() if p.requires_grad}
         if set(state["model"]) != names:
