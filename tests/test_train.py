@@ -387,3 +387,42 @@ def test_algorithms_run_with_finite_metrics(tmp_path, kw):
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["entropy"]) for r in recs[1:])
     if kw.get("beta"):
         assert recs[-1]["ref_kl"] > 0  # the second epoch has moved away from the reference
+
+
+def test_sampling_ignores_the_models_generation_config():
+    # a generation_config.json with top_k / repetition penalty would sample from another distribution than
+    # the one the losses score: generate() must use the plain tempered softmax
+    from fused_rlvr.models import tiny_random_model
+    from fused_rlvr.train.rollout import generate
+
+    model, tok = tiny_random_model(0)
+    kw = dict(max_new_tokens=8, temperature=1.0, top_p=1.0, greedy=False, batch_size=64, eos_ids=[1], pad_id=0)
+    torch.manual_seed(0)
+    plain = generate(model, tok, [[5, 6, 7]] * 64, **kw)[0]
+    model.generation_config.top_k = 2
+    model.generation_config.repetition_penalty = 10.0
+    torch.manual_seed(0)
+    assert generate(model, tok, [[5, 6, 7]] * 64, **kw)[0] == plain
+    assert len({r[0] for r in plain}) > 2  # more first tokens than a top_k=2 sampler could give
+
+
+def test_checkpoint_pruning_keeps_the_new_one_and_drops_abandoned_later_steps(tmp_path):
+    from fused_rlvr.train import checkpoint
+
+    root = str(tmp_path / "ck")
+    for step in (10, 20, 30):
+        checkpoint.save(root, step, {"step": step}, keep=1)
+    assert sorted(os.listdir(root)) == ["latest", "step_000030"]
+    # a resume from an older checkpoint that saves step 25: step 30 belongs to the abandoned run
+    checkpoint.save(root, 25, {"step": 25}, keep=2)
+    assert sorted(os.listdir(root)) == ["latest", "step_000025"]
+    checkpoint.save(root, 25, {"step": 26}, keep=2)  # re-saving a step replaces it
+    assert checkpoint.load(checkpoint.latest(root))["step"] == 26
+
+
+def test_no_heldout_problems_and_resume_with_a_new_lr(tmp_path):
+    s = Trainer(tiny(tmp_path, "e", n_eval=0, steps=1), hooks=[DigitReward()]).train()
+    assert s["before"]["n"] == 0 and math.isnan(s["after"]["accuracy"])
+    tr = Trainer(tiny(tmp_path, "e", steps=2, resume=True, lr=0.5), hooks=[DigitReward()])
+    tr.load(tr.ckpt_root + "/step_000001")
+    assert tr.optimizer.param_groups[0]["lr"] == 0.5

@@ -48,14 +48,22 @@ def save(ckpt_root: str, step: int, state: dict[str, Any], keep: int) -> str:
         fh.flush()
         os.fsync(fh.fileno())
     _fsync_dir(tmp)
-    if os.path.exists(final):  # re-saving the same step (e.g. SIGINT right after a periodic save)
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    if os.path.exists(final):  # re-saving a step: move the old folder aside first, so one always exists
+        aside = os.path.join(ckpt_root, f".old-{name}-{os.getpid()}")
+        os.rename(final, aside)
+        os.rename(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
     _fsync_dir(ckpt_root)
     atomic_write_text(os.path.join(ckpt_root, LATEST), name + "\n")
-    steps = sorted(d for d in os.listdir(ckpt_root) if d.startswith("step_"))
-    for old in steps[:-keep]:
-        shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
+    # folders of later steps are left over from an abandoned run past the one resumed: drop them; of the
+    # rest keep the `keep` newest, never the one just written
+    others = sorted((int(d[5:]), d) for d in os.listdir(ckpt_root)
+                    if d.startswith("step_") and d[5:].isdigit())
+    older = [d for s, d in others if s < step]
+    for stale in [d for s, d in others if s > step] + older[: max(0, len(older) - (keep - 1))]:
+        shutil.rmtree(os.path.join(ckpt_root, stale), ignore_errors=True)
     return final
 
 

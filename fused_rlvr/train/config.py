@@ -84,8 +84,8 @@ class TrainConfig:
             "dapo",
         ),
     )
-    eps_low: float = _f(0.2, "lower clip range of the ratio", lo=0.0, hi=1.0)
-    eps_high: float = _f(0.28, "upper clip range of the ratio (clip-higher)", lo=0.0)
+    eps_low: float = _f(0.2, "lower clip range of the ratio", lo=0.0, hi=1.0, lo_open=True)
+    eps_high: float = _f(0.28, "upper clip range of the ratio (clip-higher)", lo=0.0, hi=1.0, lo_open=True)
     dual_clip: Optional[float] = _f(
         None, "dual-clip constant c > 1 for negative advantages (None: off)", lo=1.0, lo_open=True
     )
@@ -151,7 +151,9 @@ class TrainConfig:
     # --- optimisation
     lr: float = _f(2e-5, "AdamW learning rate", lo=0.0, lo_open=True)
     weight_decay: float = _f(0.0, "AdamW weight decay", lo=0.0)
-    warmup_steps: int = _f(0, "linear learning-rate warm-up steps (constant afterwards)", lo=0)
+    warmup_steps: int = _f(
+        0, "linear learning-rate warm-up, in optimizer steps (epochs x minibatches per training step)", lo=0
+    )
     grad_clip: float = _f(1.0, "gradient-norm clip (0: off)", lo=0.0)
     epochs: int = _f(1, "passes over each rollout batch (DARS-B: 2)", lo=1)
     minibatches: int = _f(1, "optimizer steps per epoch (1: one full-batch update per epoch)", lo=1)

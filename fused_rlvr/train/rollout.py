@@ -142,6 +142,8 @@ def generate(
     pad_id: int,
 ):
     """Sample one response per prompt (token-id lists). Returns (response_ids, texts, truncated)."""
+    from transformers import GenerationConfig
+
     device = next(model.parameters()).device
     out_ids, texts, truncated = [], [], []
     was_training = model.training
@@ -154,12 +156,23 @@ def generate(
         for j, p in enumerate(chunk):
             ids[j, t - len(p) :] = torch.tensor(p, dtype=torch.long)
             attn[j, t - len(p) :] = 1
-        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_ids)
+        # A fresh GenerationConfig, not the model's: a generation_config.json may carry repetition penalties,
+        # top_k, min_p... (Qwen's does), and the losses score exactly the plain tempered distribution.
+        # generate() fills unset fields from model.generation_config, so that one is swapped out meanwhile.
         if greedy:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:  # the full tempered distribution: the losses assume exactly this one
-            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-        gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **kwargs)[:, t:].cpu()
+            gc = GenerationConfig(do_sample=False, top_k=None)
+        else:
+            gc = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        gc.update(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_ids)
+        own = model.generation_config
+        model.generation_config = GenerationConfig(pad_token_id=pad_id, eos_token_id=eos_ids,
+                                                   bos_token_id=own.bos_token_id)
+        try:
+            gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                                 generation_config=gc)
+        finally:
+            model.generation_config = own
+        gen = gen[:, t:].cpu()
         for row in gen.tolist():
             cut = next((k for k, tok_id in enumerate(row) if tok_id in eos_ids), None)
             resp = row if cut is None else row[: cut + 1]

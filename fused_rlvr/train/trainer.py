@@ -90,6 +90,7 @@ class Trainer:
             cfg.model, device=str(self.device), dtype=_dtype(cfg.dtype, self.device), seed=cfg.seed
         )
         self.head = lm_head(self.model)  # refuses heads the fused op cannot express, naming the model class
+        self.model.eval()  # no dropout in any RL forward: rollouts, scoring and the loss see one distribution
         self._set_trainable()
         self.ref_model = None
         if cfg.beta > 0:
@@ -208,7 +209,8 @@ class Trainer:
     def evaluate(self, problems: Optional[list[Problem]] = None) -> dict[str, Any]:
         problems = self.heldout if problems is None else problems
         if not problems:
-            return {"accuracy": float("nan"), "n": 0, "correct": []}
+            return {"accuracy": float("nan"), "n": 0, "correct": [], "mean_length": float("nan"),
+                    "truncated": float("nan"), "examples": []}
         ids, texts, truncated = self._generate([self.prompt_ids(p.question) for p in problems], greedy=True)
         correct = [self.verifier(t, p.answer) for t, p in zip(texts, problems)]
         return {
@@ -413,6 +415,7 @@ class Trainer:
         sums: dict[str, float] = {}
         tokens = 0
         grad_norms = []
+        opt_steps = 0
         for _epoch in range(c.epochs):
             for rows in self._minibatches(batch):
                 divisor = self._divisor(batch, rows)
@@ -431,9 +434,9 @@ class Trainer:
                     grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip)))
                 self.optimizer.step()
                 self.scheduler.step()
-        steps = c.epochs * c.minibatches
+                opt_steps += 1
         out = {k: v / max(tokens, 1) for k, v in sums.items() if k != "loss"}
-        out["loss"] = sums.get("loss", 0.0) / steps
+        out["loss"] = sums.get("loss", 0.0) / max(opt_steps, 1)
         if grad_norms:
             out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         return out
@@ -458,6 +461,7 @@ class Trainer:
         rec.update(n_samples=len(batch), n_groups=batch.n_groups, time_rollout=time.time() - t0)
         if len(batch) == 0:
             rec["skipped"] = 1.0
+            self._last_batch = None
             for h in self.hooks:
                 rec.update(h.metrics())
             return rec
@@ -473,7 +477,8 @@ class Trainer:
             rec["entropy"] = float(torch.cat(ents).mean())
         ref = self.score(batch, model=self.ref_model)[0] if self.ref_model is not None else None
         # 9. update: epochs x minibatches optimizer steps, micro-batches with the whole-batch normaliser
-        self.model.train()
+        # the model stays in eval mode for every RL forward (no dropout): the losses score the very
+        # distribution the rollouts were sampled from
         stats = self._update(batch, adv, old, ref)
         if "mean_entropy" in stats and "entropy" not in rec:
             rec["entropy"] = stats["mean_entropy"]
@@ -531,6 +536,11 @@ class Trainer:
                 params[n].copy_(v)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state["config"].get("lr") != self.cfg.lr:  # a new --lr on resume is applied, not ignored
+            print(f"resume: lr {state['config'].get('lr')} -> {self.cfg.lr}", file=sys.stderr)
+            self.scheduler.base_lrs = [self.cfg.lr for _ in self.scheduler.base_lrs]
+            for g, f in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+                g["lr"] = self.cfg.lr * f(self.scheduler.last_epoch)
         self.data_rng.setstate(state["rng"]["data"])
         random.setstate(state["rng"]["python"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -545,6 +555,7 @@ class Trainer:
             h.load_state_dict(s)
         self.step = state["step"]
         self.eval_before = state["eval_before"]
+        self._saved_step = self.step
 
     @contextlib.contextmanager
     def _signals(self):
@@ -591,6 +602,7 @@ class Trainer:
             os.path.join(c.out_dir, "config.json"), json.dumps(c.to_dict(), indent=2)
         )
         log = MetricsLog(c.out_dir, resume_step=self.step)
+        _truncate_samples(os.path.join(c.out_dir, "samples.jsonl"), self.step)
         t_start = time.time()
         if self.eval_before is None:
             ev = self.evaluate()
@@ -628,7 +640,9 @@ class Trainer:
                     self.save()
         if bar is not None:
             bar.close()
-        ckpt = self.save()
+        # (a resumed run that had nothing left to do keeps its checkpoint as it is)
+        unchanged = getattr(self, "_saved_step", None) == self.step
+        ckpt = checkpoint.latest(self.ckpt_root) if unchanged else self.save()
         summary: dict[str, Any] = {
             "status": status,
             "step": self.step,
@@ -679,3 +693,12 @@ class Trainer:
                     )
                     + "\n"
                 )
+
+
+def _truncate_samples(path: str, step: int) -> None:
+    """Keep the samples of steps <= `step` (a resumed run rewrites the rest)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as fh:
+        lines = [ln for ln in fh if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    checkpoint.atomic_write_text(path, "".join(lines))
