@@ -25,10 +25,13 @@ class LinearGRPOLoss(torch.nn.Module):
                            logratio_clamp=logratio_clamp)
 
     def forward(self, hidden, weight, targets, advantages, mask, *, old_logprobs=None, ref_logprobs=None,
-                bias=None, normalizer=None, max_len=None, old_entropy=None) -> tuple[torch.Tensor, GRPOStats]:
+                bias=None, normalizer=None, max_len=None, old_entropy=None, process_group=None,
+                vocab_start=None) -> tuple[torch.Tensor, GRPOStats]:
+        """process_group / vocab_start: `weight` is this rank's vocabulary shard (see linear_logprobs)."""
         return linear_grpo_loss(hidden, weight, targets, advantages, mask, old_logprobs=old_logprobs,
                                 ref_logprobs=ref_logprobs, bias=bias, normalizer=normalizer, max_len=max_len,
-                                old_entropy=old_entropy, **self.kwargs)
+                                old_entropy=old_entropy, process_group=process_group, vocab_start=vocab_start,
+                                **self.kwargs)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.kwargs.items())
@@ -44,9 +47,11 @@ class LinearPACSLoss(torch.nn.Module):
                            softcap=softcap, backend=backend)
 
     def forward(self, hidden, weight, targets, rewards, mask, group_ids, *, old_logprobs, bias=None,
-                normalizer=None) -> tuple[torch.Tensor, PACSStats]:
+                normalizer=None, process_group=None, vocab_start=None) -> tuple[torch.Tensor, PACSStats]:
+        """process_group / vocab_start: `weight` is this rank's vocabulary shard (see linear_logprobs)."""
         return linear_pacs_loss(hidden, weight, targets, rewards, mask, group_ids, old_logprobs=old_logprobs,
-                                bias=bias, normalizer=normalizer, **self.kwargs)
+                                bias=bias, normalizer=normalizer, process_group=process_group,
+                                vocab_start=vocab_start, **self.kwargs)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.kwargs.items())

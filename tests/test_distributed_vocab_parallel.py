@@ -119,7 +119,16 @@ def _loss_problem(seed=3):
 
 def _run_loss(kind, p, weight, bias, **kw):
     leaves = [p["hidden"].clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_()]
-    if kind == "grpo":
+    if kind == "grpo_module":  # the nn.Module form, same hyper-parameters as "grpo"
+        module = F.LinearGRPOLoss(beta=0.05, entropy_coef=0.01, dual_clip=3.0, eps_high=0.28,
+                                  steer=F.SteerConfig(mode="exact"), temperature=0.9, backend=_backend("torch"))
+        loss, stats = module(leaves[0], leaves[1], p["targets"], p["adv"], p["mask"], old_logprobs=p["old"],
+                             ref_logprobs=p["ref"], bias=leaves[2], **kw)
+    elif kind == "pacs_module":
+        module = F.LinearPACSLoss(beta=2.0, temperature=0.9, backend=_backend("torch"))
+        loss, stats = module(leaves[0], leaves[1], p["targets"], p["rewards"], p["mask"], p["groups"],
+                             old_logprobs=p["old"], bias=leaves[2], **kw)
+    elif kind == "grpo":
         loss, stats = F.linear_grpo_loss(
             leaves[0], leaves[1], p["targets"], p["adv"], p["mask"], old_logprobs=p["old"], ref_logprobs=p["ref"],
             beta=0.05, entropy_coef=0.01, dual_clip=3.0, eps_high=0.28, steer=F.SteerConfig(mode="exact"),
@@ -203,6 +212,27 @@ ERROR_CASES = {
 }
 
 
+def _verl_problem():
+    """An even vocabulary (36 of the 37 rows, 18 per rank), no ignored labels."""
+    hidden, weight, targets, _, g_lp, g_ent = _lp_problem("torch_softcap_reversed_layout")
+    v = (V // WORLD) * WORLD
+    return hidden, weight[:v], targets % v, g_lp, g_ent
+
+
+def _rank_verl(rank, group):
+    """verl's tensor-parallel call: equal contiguous shards, vocab_start derived from the rank."""
+    from fused_rlvr.integrations.verl import linear_cross_entropy
+
+    hidden, weight, y, g_lp, g_ent = _verl_problem()
+    shard = weight.shape[0] // WORLD
+    w = weight[rank * shard:(rank + 1) * shard]
+    h = hidden.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    lp, ent = linear_cross_entropy(h, w, y, 0.7, "none", dist_process_group=group)
+    (lp * g_lp + ent * g_ent).sum().backward()
+    return {"logprobs": lp.detach(), "entropy": ent.detach(), "d_hidden": h.grad, "d_weight": w.grad}
+
+
 def _worker(rank, init_file, out_dir, device):
     global DEVICE
     DEVICE = device
@@ -225,9 +255,12 @@ def _worker(rank, init_file, out_dir, device):
     for case in LP_CASES:
         record(case, lambda case=case: _rank_lp(case, rank, group))
     record("moments", lambda: _rank_moments(rank, group))
+    record("verl_tp", lambda: _rank_verl(rank, group))
     record("partial_d_hidden", lambda: _rank_partial_dh(rank, group))
     record("grpo", lambda: _rank_loss("grpo", rank, group))
     record("pacs", lambda: _rank_loss("pacs", rank, group))
+    record("grpo_module", lambda: _rank_loss("grpo_module", rank, group))
+    record("pacs_module", lambda: _rank_loss("pacs_module", rank, group))
     for name, spec in ERROR_CASES.items():
         spec = dict(spec)
         if name == "temperature_differs":
@@ -349,6 +382,8 @@ def test_losses_through_process_group(ranks, kind):
     p = _loss_problem()
     single = _run_loss(kind, p, p["weight"], p["bias"])
     _compare(_ok(ranks, kind), single, None, 2e-6)  # observed <= 5.3e-7 (loss, stats and gradients)
+    # the nn.Module forms pass process_group / vocab_start through: same as the single-process function
+    _compare(_ok(ranks, kind + "_module"), single, None, 2e-6)
 
 
 def _errors(ranks, name):
@@ -433,3 +468,19 @@ def test_gpu_vocab_parallel_equals_single_process(gpu_ranks, case):
 @pytest.mark.parametrize("name, kinds, fragments", ERROR_EXPECTATIONS)
 def test_gpu_errors_raised_on_every_rank(gpu_ranks, name, kinds, fragments):
     _check_errors(gpu_ranks, name, kinds, fragments)
+
+
+def test_verl_tensor_parallel_call_equals_single_process(ranks):
+    # verl's linear_cross_entropy(..., dist_process_group=tp_group) with equal contiguous shards
+    hidden, weight, y, g_lp, g_ent = _verl_problem()
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    lp, ent = F.linear_logprobs(h, w, y, temperature=0.7, backend="torch")
+    (lp * g_lp + ent * g_ent).sum().backward()
+    outs = _ok(ranks, "verl_tp")
+    shard = weight.shape[0] // WORLD
+    for r, out in enumerate(outs):
+        torch.testing.assert_close(out["logprobs"], lp.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out["entropy"], ent.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out["d_hidden"], h.grad, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out["d_weight"], w.grad[r * shard:(r + 1) * shard], rtol=1e-6, atol=1e-6)

@@ -19,8 +19,9 @@ any H, any V. To swap them in, replace verl's names before the actor runs its fi
     verl_lce.linear_cross_entropy = fused.linear_cross_entropy
     verl_tf.FusedLinearForPPO = fused.FusedLinearForPPO
 
-Differences: outputs are fp32 (verl's torch path returns the logits' dtype); tensor-parallel vocabulary
-sharding (verl's `dist_process_group`) is not supported.
+Differences: outputs are fp32 (verl's torch path returns the logits' dtype). verl's tensor-parallel path
+(`dist_process_group`: each rank holds an equal, contiguous vocabulary shard of the weight) maps to the
+vocabulary-parallel op (`process_group=`, `vocab_start = rank * shard rows`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def linear_logprobs_entropy(
     softcap: Optional[float] = None,
     ignore_index: Optional[int] = None,
     backend: str = "auto",
+    process_group=None,
+    vocab_start: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log_probs, entropy) of `labels` under `hidden_states @ weight.T / temperature`, without the logits.
 
@@ -59,13 +62,15 @@ def linear_logprobs_entropy(
     `torch.roll(input_ids, -1, -1)`), outputs fp32 shaped like labels, differentiable w.r.t. hidden_states
     and weight. reduction "sum" / "mean" reduces both outputs over all tokens (over the non-ignored ones for
     "mean"). Extras verl's call lacks: bias, softcap (Gemma-2) and ignore_index (those labels give 0 and cost
-    no vocabulary work).
+    no vocabulary work). process_group / vocab_start: `weight` is this rank's vocabulary shard (see
+    `fused_rlvr.linear_logprobs`); the outputs are the full-vocabulary values on every rank.
     """
     one_of("reduction", reduction, REDUCTIONS)
     ignore = -100 if ignore_index is None else ignore_index
     log_probs, entropy = linear_logprobs(hidden_states, weight, labels, bias=bias, temperature=temperature,
                                          softcap=softcap, ignore_index=ignore, return_entropy=True,
-                                         backend=backend)
+                                         backend=backend, process_group=process_group,
+                                         vocab_start=vocab_start)
     if reduction == "none":
         return log_probs, entropy
     if reduction == "sum":
@@ -82,13 +87,19 @@ def linear_cross_entropy(
     reduction: str = "none",
     dist_process_group=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop-in for `verl.utils.kernel.linear_cross_entropy.linear_cross_entropy` (same positional order)."""
+    """Drop-in for `verl.utils.kernel.linear_cross_entropy.linear_cross_entropy` (same positional order).
+
+    With `dist_process_group` (verl's tensor-parallel lm-head) `weight` is this rank's equal, contiguous
+    vocabulary shard: rows [rank * V_r, (rank + 1) * V_r) of the full head; `labels` are global token ids.
+    The vocabulary-parallel op checks across ranks that the shards tile the vocabulary.
+    """
+    kw = {}
     if dist_process_group is not None:
-        raise NotImplementedError(
-            "fused_rlvr's linear_cross_entropy does not shard the vocabulary over a process group "
-            "(verl's tensor-parallel path); pass the full [V, H] weight with dist_process_group=None"
-        )
-    return linear_logprobs_entropy(hidden, weight, labels, temperature, reduction)
+        import torch.distributed as dist
+
+        kw = dict(process_group=dist_process_group,
+                  vocab_start=dist.get_rank(dist_process_group) * weight.shape[0])
+    return linear_logprobs_entropy(hidden, weight, labels, temperature, reduction, **kw)
 
 
 class FusedLinearForPPO(torch.nn.Module):
