@@ -154,19 +154,25 @@ class _GRPOTokenLossTriton(torch.autograd.Function):
                 None, None, None, None, None, None, None, None)
 
 
+def loss_divisor(agg: str, n_tokens: float, n_seqs: float, max_len: float) -> float:
+    """The divisor `agg` applies to a batch of n_seqs sequences holding n_tokens valid tokens: the token count
+    (token-mean, bnpo, dapo), the sequence count (seq-mean-*, grpo), max_len (seq-mean-token-sum-norm) or
+    n_seqs * max_len (dr_grpo). Pass a whole batch's value as `normalizer=` to its micro-batches."""
+    kind = _AGG[agg][1]
+    if kind == "tokens":
+        return max(float(n_tokens), 1.0)
+    if kind == "seqs":
+        return float(n_seqs)
+    if kind == "max_len":
+        return float(max_len)
+    return float(n_seqs * max_len)
+
+
 def _divisor(agg: str, mask: torch.Tensor, max_len: Optional[int], normalizer) -> float:
     if normalizer is not None:
         return positive_finite("normalizer", normalizer)
-    kind = _AGG[agg][1]
     b, t = mask.shape
-    length = t if max_len is None else max_len
-    if kind == "tokens":
-        return max(float(mask.sum()), 1.0)
-    if kind == "seqs":
-        return float(b)
-    if kind == "max_len":
-        return float(length)
-    return float(b * length)
+    return loss_divisor(agg, float(mask.sum()), b, t if max_len is None else max_len)
 
 
 def _stats(parts: torch.Tensor, steer: Optional[torch.Tensor], mask: torch.Tensor) -> GRPOStats:

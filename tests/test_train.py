@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("math_verify")
 
 from _loss_reference import ref_grpo_loss, ref_pacs_loss  # noqa: E402
+from _train_helpers import DigitReward, SignalAt, params, tiny_config  # noqa: E402
 
 from fused_rlvr.train import Hook, config_from_args, dars_extra, make_config  # noqa: E402
 from fused_rlvr.train.hooks import RolloutRequest  # noqa: E402
@@ -23,28 +23,7 @@ from fused_rlvr.train.trainer import Trainer  # noqa: E402
 
 
 def tiny(tmp_path, name="run", **kw):
-    base = {
-        "out_dir": str(tmp_path / name),
-        "steps": 3,
-        "n_eval": 8,
-        "prompts_per_step": 3,
-        "group_size": 4,
-        "max_new_tokens": 5,
-        "save_every": 0,
-    }
-    base.update(kw)
-    return make_config("tiny", base)
-
-
-class DigitReward(Hook):
-    """A signal a random model can find: 1 when the response starts with a digit (replaces the verifier)."""
-
-    def rewards(self, trainer, batch, rewards):
-        return torch.tensor([float(t[:1].isdigit()) for t in batch.texts])
-
-
-def params(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return tiny_config(tmp_path / name, **kw)
 
 
 def test_short_run_changes_weights_and_logs_finite_metrics(tmp_path):
@@ -70,28 +49,16 @@ def test_short_run_changes_weights_and_logs_finite_metrics(tmp_path):
     assert s["before"]["n"] == 8 and "after" in s and math.isfinite(s["gain_points"])
 
 
-class _SignalAt(Hook):
-    """Sends SIGINT to this process during the given step (like a user pressing Ctrl-C)."""
-
-    def __init__(self, at_step):
-        self.at_step = at_step
-
-    def extra_rollouts(self, trainer, batch):
-        if trainer.step + 1 == self.at_step:
-            os.kill(os.getpid(), signal.SIGINT)
-        return []
-
-
 @pytest.mark.parametrize("preset_kw", [{}, {"steer": "exp", "dars": "et", "minibatches": 2, "epochs": 2}])
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, preset_kw):
-    full = Trainer(tiny(tmp_path, "full", steps=4, **preset_kw), hooks=[DigitReward(), _SignalAt(-1)])
+    full = Trainer(tiny(tmp_path, "full", steps=4, **preset_kw), hooks=[DigitReward(), SignalAt(-1)])
     full.train()
     # SIGINT during step 2: the step finishes, a checkpoint is written, train() returns "interrupted"
-    part = Trainer(tiny(tmp_path, "part", steps=4, **preset_kw), hooks=[DigitReward(), _SignalAt(2)])
+    part = Trainer(tiny(tmp_path, "part", steps=4, **preset_kw), hooks=[DigitReward(), SignalAt(2)])
     s = part.train()
     assert s["status"].startswith("interrupted") and s["step"] == 2 and "after" not in s
     resumed = Trainer(
-        tiny(tmp_path, "part", steps=4, resume=True, **preset_kw), hooks=[DigitReward(), _SignalAt(-1)]
+        tiny(tmp_path, "part", steps=4, resume=True, **preset_kw), hooks=[DigitReward(), SignalAt(-1)]
     )
     s2 = resumed.train()
     assert s2["status"] == "finished" and s2["step"] == 4

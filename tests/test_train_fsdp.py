@@ -30,8 +30,9 @@ pytest.importorskip("math_verify")
 
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+from _train_helpers import DigitReward, params, tiny_config  # noqa: E402
 
-from fused_rlvr.train import Hook, make_config  # noqa: E402
+from fused_rlvr.train import Hook  # noqa: E402
 from fused_rlvr.train.rollout import RolloutBatch  # noqa: E402
 from fused_rlvr.train.trainer import Trainer  # noqa: E402
 
@@ -51,24 +52,7 @@ UNIFORM = {"rank0-empty": (0, 1)}  # groups whose rewards are all 1
 
 
 def tiny(out_dir, **kw):
-    base = {
-        "out_dir": str(out_dir),
-        "steps": 4,
-        "n_eval": 6,
-        "prompts_per_step": 4,
-        "group_size": 4,
-        "max_new_tokens": 5,
-        "save_every": 0,
-    }
-    base.update(kw)
-    return make_config("tiny", base)
-
-
-class DigitReward(Hook):
-    """1 when the response starts with a digit (a signal a random model can find)."""
-
-    def rewards(self, trainer, batch, rewards):
-        return torch.tensor([float(t[:1].isdigit()) for t in batch.texts])
+    return tiny_config(out_dir, **{"steps": 4, "n_eval": 6, "prompts_per_step": 4, **kw})
 
 
 class SignalOnRank(Hook):
@@ -117,13 +101,6 @@ def sgd_step(tr, batch) -> dict:
     return tr.train_step()
 
 
-def full_params(model) -> dict[str, torch.Tensor]:
-    out = {}
-    for n, p in model.named_parameters():
-        out[n] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-    return out
-
-
 def _worker(rank, init_file, tmp, phase):
     from fused_rlvr.train.distributed import DistributedTrainer
 
@@ -142,11 +119,11 @@ def _worker(rank, init_file, tmp, phase):
                 full = fixed_batch(tr, UNIFORM.get(name, ()))
                 mine = torch.arange(rank * 2, rank * 2 + 2)
                 rec = sgd_step(tr, full.select(torch.nonzero(torch.isin(full.group, mine)).flatten()))
-                res[name] = {"params": full_params(tr.model), "rec": rec}
+                res[name] = {"params": params(tr.model), "rec": rec}
                 tr.close()
             tr = DistributedTrainer(tiny(os.path.join(tmp, "full")), hooks=[DigitReward(), SignalOnRank(-1, 1)])
             res["full_summary"] = tr.train()
-            res["full"] = full_params(tr.model)
+            res["full"] = params(tr.model)
             tr.close()
             tr = DistributedTrainer(tiny(os.path.join(tmp, "part")), hooks=[DigitReward(), SignalOnRank(2, 1)])
             res["part_summary"] = tr.train()
@@ -155,7 +132,7 @@ def _worker(rank, init_file, tmp, phase):
             tr = DistributedTrainer(tiny(os.path.join(tmp, "part"), resume=True),
                                     hooks=[DigitReward(), SignalOnRank(-1, 1)])
             res["resumed_summary"] = tr.train()
-            res["resumed"] = full_params(tr.model)
+            res["resumed"] = params(tr.model)
             tr.close()
     except Exception as exc:  # reported to the parent instead of hanging the other rank
         import traceback
@@ -195,9 +172,9 @@ def runs():
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_rank_step_equals_single_process_step(runs, tmp_path, case):
     tr = Trainer(tiny(tmp_path, **CASES[case]))
-    start = full_params(tr.model)
+    start = params(tr.model)
     rec = sgd_step(tr, fixed_batch(tr, UNIFORM.get(case, ())))
-    ref = full_params(tr.model)
+    ref = params(tr.model)
     got = runs["a"][0][case]
     moved = max(float((ref[n] - start[n]).abs().max()) for n in ref)
     assert moved > 1e-3  # the step is not trivially zero

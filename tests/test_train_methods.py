@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import re
-import signal
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("math_verify")
+
+from _train_helpers import DigitReward, SignalAt, params, tiny_config  # noqa: E402
 
 from fused_rlvr.dpo import dpo_loss  # noqa: E402
 from fused_rlvr.effective_rank import EffectiveRankShaper, erv_era  # noqa: E402
@@ -38,26 +38,12 @@ P_MUL = Problem("6 * 8", "What is 6 * 8?", "48")
 
 
 def tiny(tmp_path, name="run", **kw):
-    base = {
-        "out_dir": str(tmp_path / name),
-        "steps": 3,
-        "n_eval": 4,
-        "prompts_per_step": 3,
-        "group_size": 4,
-        "max_new_tokens": 5,
-        "save_every": 0,
-    }
-    base.update(kw)
-    return make_config("tiny", base)
+    return tiny_config(tmp_path / name, **{"n_eval": 4, **kw})
 
 
 def hook_of(tr, cls):
     (h,) = [h for h in tr.hooks if isinstance(h, cls)]
     return h
-
-
-def params(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 class StubVerifier:
@@ -365,24 +351,6 @@ def test_rank_shaping_changes_advantages_as_the_shaper_says(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------------- resume
-class DigitReward(Hook):
-    def rewards(self, trainer, batch, rewards):
-        return torch.tensor([float(t[:1].isdigit()) for t in batch.texts])
-
-
-class _SignalAt(Hook):
-    """SIGINT once during the given step (refills call extra_rollouts again within a step)."""
-
-    def __init__(self, at_step):
-        self.at_step = at_step
-
-    def extra_rollouts(self, trainer, batch):
-        if trainer.step + 1 == self.at_step:
-            self.at_step = None
-            os.kill(os.getpid(), signal.SIGINT)
-        return []
-
-
 @pytest.mark.parametrize(
     "kw",
     [
@@ -393,7 +361,7 @@ class _SignalAt(Hook):
 )
 def test_interrupted_and_resumed_run_equals_uninterrupted_with_stateful_hooks(tmp_path, kw):
     def run(name, at, **extra):
-        tr = Trainer(tiny(tmp_path, name, steps=4, **kw, **extra), hooks=[DigitReward(), _SignalAt(at)])
+        tr = Trainer(tiny(tmp_path, name, steps=4, **kw, **extra), hooks=[DigitReward(), SignalAt(at)])
         return tr, tr.train()
 
     full, _ = run("full", -1)

@@ -43,7 +43,6 @@ root forward, on some ranks only).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import functools
@@ -52,10 +51,8 @@ import itertools
 import os
 import random
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -483,31 +480,12 @@ class DistributedTrainer(Trainer):
         self.eval_before = meta["eval_before"]
 
     # ------------------------------------------------------------------ signals
-    @contextlib.contextmanager
-    def _signals(self):
-        """SIGINT / SIGTERM: request a stop; every rank stops after the step in which any rank got one (the
-        request is all-gathered at the end of each step), saves and exits. A second signal aborts now."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum, frame):
-            if self._stop_request is not None:
-                raise KeyboardInterrupt
-            self._stop_request = signal.Signals(signum).name
-            print(
-                f"\n[rank {self.rank}] {self._stop_request}: every rank finishes step {self.step + 1}, then "
-                f"saves a checkpoint (signal again to abort without saving)",
-                file=sys.stderr,
-                flush=True,
-            )
-
-        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+    def _on_signal(self, name: str) -> None:
+        """Only a request: it is all-gathered at the end of each step, and every rank stops after the step in
+        which any rank got one (Trainer._signals: a second signal aborts now)."""
+        self._stop_request = name
+        print(f"\n[rank {self.rank}] {name}: every rank finishes step {self.step + 1}, then saves a "
+              f"checkpoint (signal again to abort without saving)", file=sys.stderr, flush=True)
 
 
 def is_main_process() -> bool:

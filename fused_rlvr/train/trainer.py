@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 
 from fused_rlvr.advantages import SteerConfig, group_advantages
-from fused_rlvr.grpo import linear_grpo_loss
+from fused_rlvr.grpo import linear_grpo_loss, loss_divisor
 from fused_rlvr.integrations.hf import last_hidden_states, lm_head, sequence_token_stats
 from fused_rlvr.models import load_causal_lm
 from fused_rlvr.pacs import linear_pacs_loss
@@ -38,17 +38,6 @@ from fused_rlvr.train.metrics import MetricsLog, plot
 from fused_rlvr.train.rollout import RolloutBatch, format_prompt, generate
 from fused_rlvr.train.tasks import Problem, Verifier, make_task
 
-# whole-batch divisor of each aggregation: "tokens" (response tokens), "seqs", "max_len", "seqs*max_len"
-_DIVISOR = {
-    "token-mean": "tokens",
-    "bnpo": "tokens",
-    "dapo": "tokens",
-    "seq-mean-token-mean": "seqs",
-    "grpo": "seqs",
-    "seq-mean-token-sum": "seqs",
-    "seq-mean-token-sum-norm": "max_len",
-    "dr_grpo": "seqs*max_len",
-}
 _STAT_KEYS = (
     "loss",
     "pg_loss",
@@ -316,14 +305,9 @@ class Trainer:
 
     def _divisor(self, batch: RolloutBatch, rows: torch.Tensor) -> float:
         tokens, seqs = self._batch_counts(batch, rows)
-        kind = "seqs" if self.cfg.algorithm == "pacs" else _DIVISOR[self.cfg.loss_agg]
-        if kind == "tokens":
-            return max(1.0, tokens)
-        if kind == "seqs":
+        if self.cfg.algorithm == "pacs":  # PACS averages over sequences
             return seqs
-        if kind == "max_len":
-            return float(self.cfg.max_new_tokens)
-        return seqs * self.cfg.max_new_tokens
+        return loss_divisor(self.cfg.loss_agg, tokens, seqs, self.cfg.max_new_tokens)
 
     def _micro_batches(self, batch: RolloutBatch, rows: torch.Tensor) -> list[torch.Tensor]:
         mb = self.cfg.micro_batch
@@ -563,17 +547,13 @@ class Trainer:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
+        seen = []
 
         def handler(signum, frame):
-            if self._stop is not None:
+            if seen:
                 raise KeyboardInterrupt
-            self._stop = signal.Signals(signum).name
-            print(
-                f"\n{self._stop}: finishing step {self.step + 1}, then saving a checkpoint "
-                f"(signal again to abort without saving)",
-                file=sys.stderr,
-                flush=True,
-            )
+            seen.append(signum)
+            self._on_signal(signal.Signals(signum).name)
 
         old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -581,6 +561,12 @@ class Trainer:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+
+    def _on_signal(self, name: str) -> None:
+        """The first SIGINT / SIGTERM: stop after the current step (the loop then saves)."""
+        self._stop = name
+        print(f"\n{name}: finishing step {self.step + 1}, then saving a checkpoint (signal again to abort "
+              f"without saving)", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, Any]:
