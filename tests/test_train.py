@@ -16,6 +16,7 @@ pytest.importorskip("math_verify")
 from _loss_reference import ref_grpo_loss, ref_pacs_loss  # noqa: E402
 from _train_helpers import DigitReward, SignalAt, params, tiny_config  # noqa: E402
 
+from fused_rlvr import group_advantages  # noqa: E402
 from fused_rlvr.train import Hook, config_from_args, dars_extra, make_config  # noqa: E402
 from fused_rlvr.train.hooks import RolloutRequest  # noqa: E402
 from fused_rlvr.train.tasks import ArithmeticTask, Verifier, load_jsonl  # noqa: E402
@@ -127,11 +128,7 @@ def test_one_fused_update_equals_materialised_logits_update(tmp_path, kw):
     batch.rewards = torch.tensor(
         [1.0, 0, 0, 1, 0, 1, 1, 1, 0, 0, 0, 1, 1, 0, 0, 0]
     )  # a signal in every group
-    adv = (
-        torch.zeros(len(batch))
-        if tr.cfg.algorithm == "pacs"
-        else tr.cfg and __import__("fused_rlvr").group_advantages(batch.rewards, batch.group)
-    )
+    adv = torch.zeros(len(batch)) if tr.cfg.algorithm == "pacs" else group_advantages(batch.rewards, batch.group)
     start = params(tr.model)
     old = tr.score(batch)[0] if tr.cfg.algorithm == "pacs" else None
     stats = tr._update(batch, adv, old, None)
