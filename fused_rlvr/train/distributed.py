@@ -464,20 +464,8 @@ class DistributedTrainer(Trainer):
         set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
         self.scheduler.load_state_dict(meta["scheduler"])
         mine = torch.load(self._rank_file(folder, self.rank), map_location="cpu", weights_only=False)
-        self.data_rng.setstate(mine["rng"]["data"])
-        random.setstate(mine["rng"]["python"])
-        torch.set_rng_state(mine["rng"]["torch"])
-        if "cuda" in mine["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(mine["rng"]["cuda"])
-        if len(mine["hooks"]) != len(self.hooks):
-            raise ValueError(
-                f"cannot resume from {folder}: it holds the state of {len(mine['hooks'])} hooks, this run "
-                f"has {len(self.hooks)}"
-            )
-        for h, s in zip(self.hooks, mine["hooks"]):
-            h.load_state_dict(s)
-        self.step = meta["step"]
-        self.eval_before = meta["eval_before"]
+        self._restore_run_state(folder, meta["config"], mine["rng"], mine["hooks"], meta["step"],
+                                meta["eval_before"])
 
     # ------------------------------------------------------------------ signals
     def _on_signal(self, name: str) -> None:

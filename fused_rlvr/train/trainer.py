@@ -520,26 +520,30 @@ class Trainer:
                 params[n].copy_(v)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if state["config"].get("lr") != self.cfg.lr:  # a new --lr on resume is applied, not ignored
-            print(f"resume: lr {state['config'].get('lr')} -> {self.cfg.lr}", file=sys.stderr)
+        self._restore_run_state(folder, state["config"], state["rng"], state["hooks"], state["step"],
+                                state["eval_before"])
+
+    def _restore_run_state(self, folder, saved_cfg, rng, hooks, step, eval_before) -> None:
+        """What every trainer restores after its weights, optimizer and scheduler: the lr (a new --lr on
+        resume is applied, not ignored), RNG states, data position, hook states, step."""
+        if saved_cfg.get("lr") != self.cfg.lr:
+            print(f"resume: lr {saved_cfg.get('lr')} -> {self.cfg.lr}", file=sys.stderr)
             self.scheduler.base_lrs = [self.cfg.lr for _ in self.scheduler.base_lrs]
             for g, f in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
                 g["lr"] = self.cfg.lr * f(self.scheduler.last_epoch)
-        self.data_rng.setstate(state["rng"]["data"])
-        random.setstate(state["rng"]["python"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        if len(state["hooks"]) != len(self.hooks):
-            raise ValueError(
-                f"cannot resume from {folder}: it holds the state of {len(state['hooks'])} hooks, "
-                f"this run has {len(self.hooks)}"
-            )
-        for h, s in zip(self.hooks, state["hooks"]):
+        self.data_rng.setstate(rng["data"])
+        random.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        if len(hooks) != len(self.hooks):
+            raise ValueError(f"cannot resume from {folder}: it holds the state of {len(hooks)} hooks, "
+                             f"this run has {len(self.hooks)}")
+        for h, s in zip(self.hooks, hooks):
             h.load_state_dict(s)
-        self.step = state["step"]
-        self.eval_before = state["eval_before"]
-        self._saved_step = self.step
+        self.step = step
+        self.eval_before = eval_before
+        self._saved_step = step
 
     @contextlib.contextmanager
     def _signals(self):
