@@ -46,6 +46,7 @@ test: $(VENV)/.test
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench-cpu: $(VENV)/.bench
 	$(PY) -m bench.run --device cpu --out bench/results/cpu

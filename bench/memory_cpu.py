@@ -43,16 +43,46 @@ def worker(provider: str, model: str, tokens: int, dtype: str, op: str) -> dict:
         prob.step(provider).backward()
     grads = sum(t.grad.numel() * t.grad.element_size() for t in prob.grads())
     logits_fp32 = prob.n_tokens * shape.vocab * 4
-    return dict(provider=provider, model=model, tokens=prob.n_tokens, dtype=dtype, op=op, base=mem.base,
-                peak=mem.peak, extra=mem.extra, added=mem.extra - grads, grads=grads, logits_fp32=logits_fp32,
-                extra_frac=mem.extra / logits_fp32, added_frac=(mem.extra - grads) / logits_fp32)
+    return dict(
+        provider=provider,
+        model=model,
+        tokens=prob.n_tokens,
+        dtype=dtype,
+        op=op,
+        base=mem.base,
+        peak=mem.peak,
+        extra=mem.extra,
+        added=mem.extra - grads,
+        grads=grads,
+        logits_fp32=logits_fp32,
+        extra_frac=mem.extra / logits_fp32,
+        added_frac=(mem.extra - grads) / logits_fp32,
+    )
 
 
 def measure(provider: str, model: str, tokens: int, dtype: str, op: str) -> dict:
-    cmd = [sys.executable, "-m", "bench.memory_cpu", "--worker", provider, "--model", model,
-           "--tokens", str(tokens), "--dtype", dtype, "--op", op]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.memory_cpu",
+        "--worker",
+        provider,
+        "--model",
+        model,
+        "--tokens",
+        str(tokens),
+        "--dtype",
+        dtype,
+        "--op",
+        op,
+    ]
+    out = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     if out.returncode != 0:
         if "NotSupported" in out.stderr:
             return {"not_supported": out.stderr.strip().splitlines()[-1]}
@@ -77,8 +107,10 @@ def main(argv=None) -> int:
 
     rec = Recorder(device_name("cpu"))
     mib = 1 << 20
-    print(f"{args.op} fwd+bwd, {args.model}, N={args.tokens}, {args.dtype}; fp32 logits = "
-          f"{args.tokens * MODELS[args.model].vocab * 4 / mib:.0f} MiB")
+    print(
+        f"{args.op} fwd+bwd, {args.model}, N={args.tokens}, {args.dtype}; fp32 logits = "
+        f"{args.tokens * MODELS[args.model].vocab * 4 / mib:.0f} MiB"
+    )
     print(f"{'provider':24s} {'extra MiB':>10s} {'added MiB':>10s} {'added / fp32 logits':>20s}")
     for provider in args.providers:
         r = measure(provider, args.model, args.tokens, args.dtype, args.op)
@@ -88,8 +120,17 @@ def main(argv=None) -> int:
         print(f"{provider:24s} {r['extra'] / mib:10.1f} {r['added'] / mib:10.1f} {r['added_frac']:19.2%}")
         shape = f"N={r['tokens']},H={MODELS[args.model].hidden},V={MODELS[args.model].vocab}"
         for metric in ("extra", "added", "added_frac"):
-            rec.add(args.op, provider, "fwd+bwd", f"cpu_peak_{metric}", r[metric], x_name="model",
-                    x=args.model, shape=shape, dtype=args.dtype)
+            rec.add(
+                args.op,
+                provider,
+                "fwd+bwd",
+                f"cpu_peak_{metric}",
+                r[metric],
+                x_name="model",
+                x=args.model,
+                shape=shape,
+                dtype=args.dtype,
+            )
     if args.csv:
         rec.write(args.csv)
     return 0

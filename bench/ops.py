@@ -25,8 +25,9 @@ GROUP = 8
 class Problem:
     """Inputs of one op at one shape: hidden [B, T, H] with N = B * T tokens, the lm-head, and the rest."""
 
-    def __init__(self, op: str, shape: ModelShape, tokens: int, dtype: torch.dtype, device: str,
-                 seed: int = 0):
+    def __init__(
+        self, op: str, shape: ModelShape, tokens: int, dtype: torch.dtype, device: str, seed: int = 0
+    ):
         self.op, self.shape, self.device = op, shape, device
         g = torch.Generator(device=device).manual_seed(seed)
         seq = 512 if tokens >= 4096 else max(16, tokens // 8)
@@ -59,8 +60,12 @@ class Problem:
         return self.hidden, self.weight
 
     def step(self, provider: str, grad: bool = True) -> torch.Tensor:
-        fn = {"logprob": self._per_token, "logprob_entropy": self._per_token, "grpo": self._grpo,
-              "pacs": self._pacs}[self.op]
+        fn = {
+            "logprob": self._per_token,
+            "logprob_entropy": self._per_token,
+            "grpo": self._grpo,
+            "pacs": self._pacs,
+        }[self.op]
         if grad:
             return fn(provider)
         with torch.no_grad():
@@ -69,8 +74,9 @@ class Problem:
     def _per_token(self, provider):
         entropy = self.op == "logprob_entropy"
         y = torch.where(self.mask, self.targets, -100)
-        lp, ent = PROVIDERS[provider](self.hidden, self.weight, y, softcap=self.shape.softcap,
-                                      entropy=entropy)
+        lp, ent = PROVIDERS[provider](
+            self.hidden, self.weight, y, softcap=self.shape.softcap, entropy=entropy
+        )
         out = (lp * self.g_lp).sum()
         return out + (ent * self.g_ent).sum() if entropy else out
 
@@ -79,9 +85,19 @@ class Problem:
         if provider == "fused-rlvr":
             from fused_rlvr import linear_grpo_loss
 
-            return linear_grpo_loss(self.hidden, self.weight, self.targets, self.adv, self.mask,
-                                    old_logprobs=self.old, ref_logprobs=self.ref, agg="dapo", kl="k3",
-                                    softcap=self.shape.softcap, **kw)[0]
+            return linear_grpo_loss(
+                self.hidden,
+                self.weight,
+                self.targets,
+                self.adv,
+                self.mask,
+                old_logprobs=self.old,
+                ref_logprobs=self.ref,
+                agg="dapo",
+                kl="k3",
+                softcap=self.shape.softcap,
+                **kw,
+            )[0]
         if provider == "torch":
             from fused_rlvr.grpo import GRPOParams, grpo_token_loss_torch
             from fused_rlvr.reference import reference_logits
@@ -90,22 +106,37 @@ class Problem:
             lp = torch.log_softmax(z.float(), -1).gather(-1, self.targets[..., None])[..., 0]
             m = self.mask.float()
             params = GRPOParams(eps_low=0.2, eps_high=0.28, beta=0.04, kl="k3")
-            return grpo_token_loss_torch(lp, None, self.old, self.ref, self.adv, m, None, params,
-                                         1.0 / float(m.sum()))[0]
+            return grpo_token_loss_torch(
+                lp, None, self.old, self.ref, self.adv, m, None, params, 1.0 / float(m.sum())
+            )[0]
         if provider == "liger":
             if self.shape.softcap is not None:
                 raise NotSupported("Liger's GRPO loss has no logit softcap")
             return _liger_grpo(self.hidden.is_cuda)(
-                self.hidden, self.weight, self.targets, self.mask.long(), self.adv,
-                ref_per_token_logps=self.ref, old_per_token_logps=self.old)[0]
+                self.hidden,
+                self.weight,
+                self.targets,
+                self.mask.long(),
+                self.adv,
+                ref_per_token_logps=self.ref,
+                old_per_token_logps=self.old,
+            )[0]
         raise NotSupported(f"{provider} has no GRPO loss")
 
     def _pacs(self, provider):
         if provider == "fused-rlvr":
             from fused_rlvr import linear_pacs_loss
 
-            return linear_pacs_loss(self.hidden, self.weight, self.targets, self.rewards, self.mask,
-                                    self.groups, old_logprobs=self.old, softcap=self.shape.softcap)[0]
+            return linear_pacs_loss(
+                self.hidden,
+                self.weight,
+                self.targets,
+                self.rewards,
+                self.mask,
+                self.groups,
+                old_logprobs=self.old,
+                softcap=self.shape.softcap,
+            )[0]
         if provider == "torch":
             from fused_rlvr.pacs import pacs_loss_from_scores
             from fused_rlvr.reference import reference_logits
@@ -125,6 +156,7 @@ def _liger_grpo(cuda: bool):
     if cuda not in _LIGER:
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-        _LIGER[cuda] = LigerFusedLinearGRPOLoss(beta=0.04, use_ref_model=True, epsilon_low=0.2,
-                                                epsilon_high=0.28, loss_type="dapo")
+        _LIGER[cuda] = LigerFusedLinearGRPOLoss(
+            beta=0.04, use_ref_model=True, epsilon_low=0.2, epsilon_high=0.28, loss_type="dapo"
+        )
     return _LIGER[cuda]

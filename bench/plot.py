@@ -1,6 +1,6 @@
 """Plots from a results.csv of bench.run (never measures anything itself).
 
-    python -m bench.plot bench/results/cpu        # writes target.png and scaling.png beside the CSV
+python -m bench.plot bench/results/cpu        # writes target.png and scaling.png beside the CSV
 """
 
 from __future__ import annotations
@@ -27,8 +27,14 @@ def main(argv=None) -> int:
 
     device = rows[0]["device"] if rows else "?"
     # 1. target shape: fwd+bwd time per provider, per op
-    target = [r for r in rows if r["x_name"] == "model" and r["mode"] == "fwd+bwd"
-              and r["metric"] == "median_ms" and r["op"] != "lm_head_gemm"]
+    target = [
+        r
+        for r in rows
+        if r["x_name"] == "model"
+        and r["mode"] == "fwd+bwd"
+        and r["metric"] == "median_ms"
+        and r["op"] != "lm_head_gemm"
+    ]
     floor = [float(r["value"]) for r in rows if r["op"] == "lm_head_gemm" and r["metric"] == "median_ms"]
     ops = sorted({r["op"] for r in target})
     if ops:

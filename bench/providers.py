@@ -21,8 +21,15 @@ class NotSupported(Exception):
 
 
 def ours(hidden, weight, targets, *, softcap=None, temperature=1.0, entropy=True, backend="auto"):
-    lp, ent = linear_logprobs(hidden, weight, targets, softcap=softcap, temperature=temperature,
-                              return_entropy=entropy, backend=backend)
+    lp, ent = linear_logprobs(
+        hidden,
+        weight,
+        targets,
+        softcap=softcap,
+        temperature=temperature,
+        return_entropy=entropy,
+        backend=backend,
+    )
     return lp, ent
 
 
@@ -50,8 +57,9 @@ def _chunk_stats(h, w, y, softcap, temperature):
 _compiled_chunk = None
 
 
-def torch_compile_chunked(hidden, weight, targets, *, softcap=None, temperature=1.0, entropy=True,
-                          chunk_rows=1024):
+def torch_compile_chunked(
+    hidden, weight, targets, *, softcap=None, temperature=1.0, entropy=True, chunk_rows=1024
+):
     """torch.compile'd per-chunk log-softmax with activation checkpointing: bounded memory, recompute."""
     global _compiled_chunk
     if _compiled_chunk is None:
@@ -60,8 +68,15 @@ def torch_compile_chunked(hidden, weight, targets, *, softcap=None, temperature=
     y = targets.reshape(-1)
     lps, ents = [], []
     for r0 in range(0, h2.shape[0], chunk_rows):
-        lp, ent = checkpoint(_compiled_chunk, h2[r0:r0 + chunk_rows], weight, y[r0:r0 + chunk_rows],
-                             softcap, temperature, use_reentrant=False)
+        lp, ent = checkpoint(
+            _compiled_chunk,
+            h2[r0 : r0 + chunk_rows],
+            weight,
+            y[r0 : r0 + chunk_rows],
+            softcap,
+            temperature,
+            use_reentrant=False,
+        )
         lps.append(lp)
         ents.append(ent)
     lp = torch.cat(lps).view(targets.shape)
@@ -91,8 +106,9 @@ def cut_cross_entropy(hidden, weight, targets, *, softcap=None, temperature=1.0,
     from cut_cross_entropy import linear_cross_entropy
 
     impl = "cce" if hidden.is_cuda else "torch_compile"
-    loss = linear_cross_entropy(hidden, weight, targets, softcap=softcap, reduction="none", impl=impl,
-                                filter_eps=None)  # no gradient filtering: exact gradients, as ours
+    loss = linear_cross_entropy(
+        hidden, weight, targets, softcap=softcap, reduction="none", impl=impl, filter_eps=None
+    )  # no gradient filtering: exact gradients, as ours
     return -loss.float(), None
 
 

@@ -78,10 +78,28 @@ class Bench:
         t = self.timing(lambda: (h @ w.T, g @ w, g.T @ h))
         tag = f"N={n},H={shape.hidden},V={shape.vocab}"
         flops = 6 * n * shape.hidden * shape.vocab
-        self.rec.add("lm_head_gemm", "torch", "fwd+bwd", "median_ms", t.median_ms, x_name="model",
-                     x=shape.name, shape=tag, dtype=str(self.dtype))
-        self.rec.add("lm_head_gemm", "torch", "fwd+bwd", "tflops", flops / t.median_ms / 1e9, x_name="model",
-                     x=shape.name, shape=tag, dtype=str(self.dtype))
+        self.rec.add(
+            "lm_head_gemm",
+            "torch",
+            "fwd+bwd",
+            "median_ms",
+            t.median_ms,
+            x_name="model",
+            x=shape.name,
+            shape=tag,
+            dtype=str(self.dtype),
+        )
+        self.rec.add(
+            "lm_head_gemm",
+            "torch",
+            "fwd+bwd",
+            "tflops",
+            flops / t.median_ms / 1e9,
+            x_name="model",
+            x=shape.name,
+            shape=tag,
+            dtype=str(self.dtype),
+        )
         return t.median_ms
 
     def one(self, op, provider, shape, n, *, modes=("fwd+bwd",), mem=True, x_name="model", x=None):
@@ -107,22 +125,53 @@ class Bench:
             return torch.autograd.grad(retained["loss"], prob.grads(), retain_graph=True)
 
         for mode in modes:
-            fn = {"fwd+bwd": full, "fwd": lambda: prob.step(provider), "bwd": bwd,
-                  "nograd": lambda: prob.step(provider, grad=False)}[mode]
+            fn = {
+                "fwd+bwd": full,
+                "fwd": lambda: prob.step(provider),
+                "bwd": bwd,
+                "nograd": lambda: prob.step(provider, grad=False),
+            }[mode]
             t = self.timing(fn)
             res[mode] = t.median_ms
             for metric in ("median_ms", "p20_ms", "p80_ms"):
-                self.rec.add(op, provider, mode, metric, getattr(t, metric), x_name=x_name, x=x, shape=tag,
-                             dtype=str(self.dtype))
+                self.rec.add(
+                    op,
+                    provider,
+                    mode,
+                    metric,
+                    getattr(t, metric),
+                    x_name=x_name,
+                    x=x,
+                    shape=tag,
+                    dtype=str(self.dtype),
+                )
         if mem:
             added = self.memory(prob, provider, shape.name)
             if added is not None:
                 logits = prob.n_tokens * shape.vocab * 4
                 res["added_over_fp32_logits"] = added / logits
-                self.rec.add(op, provider, "fwd+bwd", "added_bytes", added, x_name=x_name, x=x, shape=tag,
-                             dtype=str(self.dtype))
-                self.rec.add(op, provider, "fwd+bwd", "added_over_fp32_logits", added / logits, x_name=x_name,
-                             x=x, shape=tag, dtype=str(self.dtype))
+                self.rec.add(
+                    op,
+                    provider,
+                    "fwd+bwd",
+                    "added_bytes",
+                    added,
+                    x_name=x_name,
+                    x=x,
+                    shape=tag,
+                    dtype=str(self.dtype),
+                )
+                self.rec.add(
+                    op,
+                    provider,
+                    "fwd+bwd",
+                    "added_over_fp32_logits",
+                    added / logits,
+                    x_name=x_name,
+                    x=x,
+                    shape=tag,
+                    dtype=str(self.dtype),
+                )
         prob.hidden.grad = prob.weight.grad = None
         if self.cuda:
             torch.cuda.empty_cache()
@@ -167,14 +216,32 @@ class Bench:
         out = self.summary.setdefault("scaling", {})
         for provider in ("fused-rlvr", "torch"):
             for tokens in grid:
-                r = self.guarded(f"scale-tokens/{provider}/{tokens}", self.one, "logprob_entropy", provider,
-                                 MODELS[model], tokens, x_name="tokens", x=tokens, mem=True)
+                r = self.guarded(
+                    f"scale-tokens/{provider}/{tokens}",
+                    self.one,
+                    "logprob_entropy",
+                    provider,
+                    MODELS[model],
+                    tokens,
+                    x_name="tokens",
+                    x=tokens,
+                    mem=True,
+                )
                 out[f"tokens/{provider}/{tokens}"] = r
             for vm in vocab_models:
                 # the target's hidden size with each model's vocabulary (and softcap): only V varies
                 shape = ModelShape(vm, MODELS[model].hidden, MODELS[vm].vocab, MODELS[vm].softcap)
-                r = self.guarded(f"scale-vocab/{provider}/{vm}", self.one, "logprob_entropy", provider, shape,
-                                 n // 2 if not self.cuda else n, x_name="vocab", x=shape.vocab, mem=True)
+                r = self.guarded(
+                    f"scale-vocab/{provider}/{vm}",
+                    self.one,
+                    "logprob_entropy",
+                    provider,
+                    shape,
+                    n // 2 if not self.cuda else n,
+                    x_name="vocab",
+                    x=shape.vocab,
+                    mem=True,
+                )
                 out[f"vocab/{provider}/{shape.vocab}"] = r
 
     def write(self):
@@ -186,8 +253,9 @@ class Bench:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                    choices=["cpu", "cuda"])
+    ap.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"]
+    )
     ap.add_argument("--out", default=None)
     ap.add_argument("--sections", nargs="+", default=["target", "scaling"], choices=["target", "scaling"])
     ap.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
@@ -210,8 +278,10 @@ def main(argv=None) -> int:
 
 def print_summary(summary):
     t = summary.get("target", {})
-    print(f"\n== {summary['device']}  target {t.get('model')} N={t.get('tokens')}  "
-          f"GEMM fwd+bwd floor {t.get('gemm_floor_ms') or float('nan'):.1f} ms")
+    print(
+        f"\n== {summary['device']}  target {t.get('model')} N={t.get('tokens')}  "
+        f"GEMM fwd+bwd floor {t.get('gemm_floor_ms') or float('nan'):.1f} ms"
+    )
     for key, r in summary["results"].items():
         op = key.split("/")[0]
         base = summary["results"].get(f"{op}/torch", {}).get("fwd+bwd")

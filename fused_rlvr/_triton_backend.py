@@ -32,9 +32,14 @@ def forward_partials(hidden, weight, bias, targets, params) -> torch.Tensor:
     """Merged partials [stats, N]; a target outside [0, V) must be negative (it is never matched, while a
     target past V could match a masked tail column)."""
     part = _module(params).forward(
-        hidden, weight, bias, targets,
-        inv_temperature=1.0 / params.temperature, softcap=params.softcap,
-        moments=params.moments, interpret=params.interpret,
+        hidden,
+        weight,
+        bias,
+        targets,
+        inv_temperature=1.0 / params.temperature,
+        softcap=params.softcap,
+        moments=params.moments,
+        interpret=params.interpret,
     )
     return reduce_partials(part)
 
@@ -66,8 +71,19 @@ def backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_ent
         v1 = min(vocab, v0 + chunk)
         du = staging[:, : v1 - v0]
         mod.dlogits(
-            hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy, du, v0,
-            inv_temperature=1.0 / params.temperature, softcap=params.softcap, interpret=params.interpret,
+            hidden,
+            weight,
+            bias,
+            targets,
+            lse,
+            entropy,
+            grad_logprob,
+            grad_entropy,
+            du,
+            v0,
+            inv_temperature=1.0 / params.temperature,
+            softcap=params.softcap,
+            interpret=params.interpret,
         )
         if need_dw:
             torch.mm(du.T, hidden, out=dw[v0:v1])

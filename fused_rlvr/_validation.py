@@ -141,8 +141,10 @@ def as_mask(name: str, mask, shape) -> torch.Tensor:
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)} (that of targets), got {tuple(mask.shape)}")
     if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
-        raise ValueError(f"{name} must be boolean or hold only 0 and 1; got values such as "
-                         f"{mask[(mask != 0) & (mask != 1)].flatten()[:3].tolist()}")
+        raise ValueError(
+            f"{name} must be boolean or hold only 0 and 1; got values such as "
+            f"{mask[(mask != 0) & (mask != 1)].flatten()[:3].tolist()}"
+        )
     return mask.to(torch.float32)
 
 

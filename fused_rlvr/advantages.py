@@ -17,8 +17,9 @@ def group_index(group_ids: torch.Tensor, name: str = "group_ids") -> tuple[torch
     """(dense group index per element, size of each group) for arbitrary integer group labels."""
     check_tensor(name, group_ids)
     if group_ids.dim() != 1 or group_ids.is_floating_point() or group_ids.dtype == torch.bool:
-        raise ValueError(f"{name} must be a 1-D integer tensor, got {group_ids.dtype} of shape "
-                         f"{tuple(group_ids.shape)}")
+        raise ValueError(
+            f"{name} must be a 1-D integer tensor, got {group_ids.dtype} of shape {tuple(group_ids.shape)}"
+        )
     _, index = torch.unique(group_ids, return_inverse=True)
     sizes = torch.bincount(index)
     return index, sizes
@@ -46,8 +47,9 @@ def group_advantages(
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D [B], got shape {tuple(rewards.shape)}")
     if tuple(group_ids.shape) != tuple(rewards.shape):
-        raise ValueError(f"group_ids must have the shape of rewards {tuple(rewards.shape)}, "
-                         f"got {tuple(group_ids.shape)}")
+        raise ValueError(
+            f"group_ids must have the shape of rewards {tuple(rewards.shape)}, got {tuple(group_ids.shape)}"
+        )
     one_of("estimator", estimator, ESTIMATORS)
     one_of("scale", scale, SCALES)
     eps = positive_finite("eps", eps)

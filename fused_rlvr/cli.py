@@ -21,10 +21,15 @@ def demo(args) -> int:
     t0 = time.time()
     model, tok = load_smollm2()
     model.eval()
-    print(f"loaded SmolLM2-135M-Instruct ({type(model).__name__}, vocab {model.config.vocab_size}, "
-          f"hidden {model.config.hidden_size}) in {time.time() - t0:.1f}s")
-    texts = [f"Question: what is {a} + {b}? Answer: {a + b}. Then {a} times {b} is {a * b}."
-             for a in range(3, 40) for b in (7, 12, 29)]
+    print(
+        f"loaded SmolLM2-135M-Instruct ({type(model).__name__}, vocab {model.config.vocab_size}, "
+        f"hidden {model.config.hidden_size}) in {time.time() - t0:.1f}s"
+    )
+    texts = [
+        f"Question: what is {a} + {b}? Answer: {a + b}. Then {a} times {b} is {a * b}."
+        for a in range(3, 40)
+        for b in (7, 12, 29)
+    ]
     batch = tok(texts, return_tensors="pt", padding=True)
     ids, attn = batch["input_ids"][:, : args.max_len], batch["attention_mask"][:, : args.max_len]
     targets = torch.where(attn[:, 1:] > 0, ids[:, 1:], -100)
@@ -33,8 +38,10 @@ def demo(args) -> int:
     weight = model.get_output_embeddings().weight
     n = int((targets != -100).sum())
     vocab = weight.shape[0]
-    print(f"{n} scored tokens; their fp32 logits would take {n * vocab * 4 / 2**20:.0f} MiB "
-          f"(all {targets.numel()} positions: {targets.numel() * vocab * 4 / 2**20:.0f} MiB)")
+    print(
+        f"{n} scored tokens; their fp32 logits would take {n * vocab * 4 / 2**20:.0f} MiB "
+        f"(all {targets.numel()} positions: {targets.numel() * vocab * 4 / 2**20:.0f} MiB)"
+    )
 
     def run(fused: bool):
         h = hidden.detach().clone().requires_grad_()
@@ -55,14 +62,20 @@ def demo(args) -> int:
     ours = run(True)
     naive = run(False)
     m = targets != -100
-    print(f"mean log-prob {ours[0][m].mean():.4f} (naive {naive[0][m].mean():.4f}); mean entropy "
-          f"{ours[1][m].mean():.4f} (naive {naive[1][m].mean():.4f})")
-    print(f"max |difference|: log-prob {(ours[0] - naive[0]).abs().max():.2e}, entropy "
-          f"{(ours[1] - naive[1]).abs().max():.2e}, d_hidden {(ours[2] - naive[2]).abs().max():.2e}")
+    print(
+        f"mean log-prob {ours[0][m].mean():.4f} (naive {naive[0][m].mean():.4f}); mean entropy "
+        f"{ours[1][m].mean():.4f} (naive {naive[1][m].mean():.4f})"
+    )
+    print(
+        f"max |difference|: log-prob {(ours[0] - naive[0]).abs().max():.2e}, entropy "
+        f"{(ours[1] - naive[1]).abs().max():.2e}, d_hidden {(ours[2] - naive[2]).abs().max():.2e}"
+    )
     grads = (hidden.numel() + weight.numel()) * 4 / 2**20
-    print(f"forward+backward: fused {ours[3]:.2f}s, peak +{ours[4]:.0f} MiB | materialised logits "
-          f"{naive[3]:.2f}s, peak +{naive[4]:.0f} MiB | memory saved {naive[4] - ours[4]:.0f} MiB "
-          f"(both peaks include the {grads:.0f} MiB of gradients)")
+    print(
+        f"forward+backward: fused {ours[3]:.2f}s, peak +{ours[4]:.0f} MiB | materialised logits "
+        f"{naive[3]:.2f}s, peak +{naive[4]:.0f} MiB | memory saved {naive[4] - ours[4]:.0f} MiB "
+        f"(both peaks include the {grads:.0f} MiB of gradients)"
+    )
     ok = (ours[0] - naive[0]).abs().max() < 1e-3
     print("agreement:", "OK" if ok else "MISMATCH")
     return 0 if ok else 1

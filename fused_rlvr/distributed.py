@@ -79,8 +79,10 @@ def _as_group(process_group):
     """A ProcessGroup from a ProcessGroup or a 1-D DeviceMesh."""
     if hasattr(process_group, "get_group") and hasattr(process_group, "ndim"):
         if process_group.ndim != 1:
-            raise ValueError(f"process_group must be a ProcessGroup or a 1-D DeviceMesh, got a "
-                             f"{process_group.ndim}-D DeviceMesh; pass mesh['tp'] (or mesh.get_group('tp'))")
+            raise ValueError(
+                f"process_group must be a ProcessGroup or a 1-D DeviceMesh, got a "
+                f"{process_group.ndim}-D DeviceMesh; pass mesh['tp'] (or mesh.get_group('tp'))"
+            )
         return process_group.get_group()
     return process_group
 
@@ -113,28 +115,42 @@ def _local_meta(ok: bool, vocab_start, hidden, weight, targets, ignore_index, co
     return torch.cat([head.to(device), tail])
 
 
-def vocab_shard(process_group, vocab_start: int, hidden, weight, targets, ignore_index: int, *,
-                local_check: Callable[[], tuple[Any, Any]], reduce_grad_hidden: bool = True
-                ) -> tuple[Any, VocabShard]:
+def vocab_shard(
+    process_group,
+    vocab_start: int,
+    hidden,
+    weight,
+    targets,
+    ignore_index: int,
+    *,
+    local_check: Callable[[], tuple[Any, Any]],
+    reduce_grad_hidden: bool = True,
+) -> tuple[Any, VocabShard]:
     """Run `local_check` (-> (result, config)) and resolve this rank's shard; raise on every rank alike.
 
     `config` is anything whose repr must agree across ranks (temperature, softcap, dtype, ...).
     """
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("process_group is given but torch.distributed is not initialized: call "
-                           "torch.distributed.init_process_group first, or pass process_group=None")
+        raise RuntimeError(
+            "process_group is given but torch.distributed is not initialized: call "
+            "torch.distributed.init_process_group first, or pass process_group=None"
+        )
     group = _as_group(process_group)
     rank = dist.get_rank(group)
     if rank < 0:
-        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of process_group: "
-                         "pass the tensor-parallel group whose ranks hold the vocabulary shards")
+        raise ValueError(
+            f"this process (global rank {dist.get_rank()}) is not a member of process_group: "
+            "pass the tensor-parallel group whose ranks hold the vocabulary shards"
+        )
     world = dist.get_world_size(group)
     error: Optional[Exception] = None
     result = config = None
     try:
         if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
-            raise ValueError(f"vocab_start must be an int >= 0 with process_group: this rank's first row of "
-                             f"the lm-head's vocabulary (e.g. rank * V // world_size), got {vocab_start!r}")
+            raise ValueError(
+                f"vocab_start must be an int >= 0 with process_group: this rank's first row of "
+                f"the lm-head's vocabulary (e.g. rank * V // world_size), got {vocab_start!r}"
+            )
         if not isinstance(reduce_grad_hidden, bool):
             raise TypeError(f"reduce_grad_hidden must be a bool, got {type(reduce_grad_hidden).__name__}")
         result, config = local_check()
@@ -154,30 +170,40 @@ def vocab_shard(process_group, vocab_start: int, hidden, weight, targets, ignore
     if error is not None:
         raise error
     if failed:
-        raise RuntimeError(f"vocabulary-parallel call: the input checks failed on rank(s) {failed} of "
-                           "process_group (see the error raised there); every rank raises so that none waits "
-                           "in a collective")
+        raise RuntimeError(
+            f"vocabulary-parallel call: the input checks failed on rank(s) {failed} of "
+            "process_group (see the error raised there); every rank raises so that none waits "
+            "in a collective"
+        )
 
     def differ(*fields):
         return len({tuple(row[f] for f in fields) for row in rows}) > 1
 
     if differ(_N, _H):
         shapes = "; ".join(f"rank {r}: N={row[_N]} rows, H={row[_H]}" for r, row in enumerate(rows))
-        raise ValueError("hidden/targets shapes differ across the ranks of process_group (" + shapes + "): "
-                         "a vocabulary-parallel lm-head needs the same (replicated) hidden states and "
-                         "targets on every rank; is process_group the tensor-parallel group?")
+        raise ValueError(
+            "hidden/targets shapes differ across the ranks of process_group (" + shapes + "): "
+            "a vocabulary-parallel lm-head needs the same (replicated) hidden states and "
+            "targets on every rank; is process_group the tensor-parallel group?"
+        )
     if differ(_CFG):
-        raise ValueError(f"temperature, softcap, ignore_index, dtype or bias presence differ across the "
-                         f"ranks of process_group (this is rank {rank} with {config!r})")
+        raise ValueError(
+            f"temperature, softcap, ignore_index, dtype or bias presence differ across the "
+            f"ranks of process_group (this is rank {rank} with {config!r})"
+        )
     if differ(_VALID, _SUM, _LO, _HI):
         counts = ", ".join(f"rank {r}: {row[_VALID]}" for r, row in enumerate(rows))
-        raise ValueError(f"targets differ across the ranks of process_group (valid targets per rank: "
-                         f"{counts}); every rank of a vocabulary-parallel group needs the same targets and "
-                         "hidden states")
+        raise ValueError(
+            f"targets differ across the ranks of process_group (valid targets per rank: "
+            f"{counts}); every rank of a vocabulary-parallel group needs the same targets and "
+            "hidden states"
+        )
     if differ(_GRAD):
         who = [r for r, row in enumerate(rows) if row[_GRAD]]
-        raise ValueError(f"hidden requires grad on rank(s) {who} only: every rank of process_group must run "
-                         "the backward (its d_hidden all-reduce) or none")
+        raise ValueError(
+            f"hidden requires grad on rank(s) {who} only: every rank of process_group must run "
+            "the backward (its d_hidden all-reduce) or none"
+        )
 
     sizes = [row[_SIZE] for row in rows]
     starts = [row[_START] for row in rows]
@@ -185,18 +211,24 @@ def vocab_shard(process_group, vocab_start: int, hidden, weight, targets, ignore
     end, prev = 0, None
     for r in sorted(range(world), key=lambda q: (starts[q], q)):
         if starts[r] > end:
-            raise ValueError(f"the vocabulary shards of process_group do not cover rows [{end}, {starts[r]}) "
-                             f"(shards {layout}): every row of the lm-head must be on exactly one rank")
+            raise ValueError(
+                f"the vocabulary shards of process_group do not cover rows [{end}, {starts[r]}) "
+                f"(shards {layout}): every row of the lm-head must be on exactly one rank"
+            )
         if starts[r] < end:
-            raise ValueError(f"the vocabulary shards of rank {prev} and rank {r} of process_group overlap "
-                             f"(shards {layout}); is process_group the group the weight was split over?")
+            raise ValueError(
+                f"the vocabulary shards of rank {prev} and rank {r} of process_group overlap "
+                f"(shards {layout}); is process_group the group the weight was split over?"
+            )
         end, prev = starts[r] + sizes[r], r
     total = end
     n_valid, lo, hi = rows[0][_VALID], rows[0][_LO], rows[0][_HI]
     if n_valid and (lo < 0 or hi >= total):
         bad = lo if lo < 0 else hi
-        raise ValueError(f"targets must lie in [0, {total}) or equal ignore_index={ignore_index}: target "
-                         f"{bad} is owned by no rank of process_group (shards {layout})")
+        raise ValueError(
+            f"targets must lie in [0, {total}) or equal ignore_index={ignore_index}: target "
+            f"{bad} is owned by no rank of process_group (shards {layout})"
+        )
     return result, VocabShard(group, starts[rank], sizes[rank], total, rank, world, reduce_grad_hidden)
 
 

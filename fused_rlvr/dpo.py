@@ -79,8 +79,10 @@ def dpo_loss(
     for name, t in zip(names, tensors):
         check_tensor(name, t)
         if t.dim() != 1 or tuple(t.shape) != tuple(policy_chosen.shape) or not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating [P] tensor like policy_chosen "
-                             f"{tuple(policy_chosen.shape)}, got {t.dtype} shape {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must be a floating [P] tensor like policy_chosen "
+                f"{tuple(policy_chosen.shape)}, got {t.dtype} shape {tuple(t.shape)}"
+            )
     if policy_chosen.numel() == 0:
         raise ValueError("dpo_loss needs at least one pair, got P = 0")
     beta = non_negative("beta", beta)
@@ -95,8 +97,14 @@ def dpo_loss(
     chosen = (beta * (pc - rc)).detach()
     rejected = (beta * (pr - rr)).detach()
     margin = chosen - rejected
-    stats = DPOStats(loss.detach(), chosen.mean(), rejected.mean(), margin.mean(),
-                     (margin > 0).float().mean(), torch.tensor(float(pc.numel())))
+    stats = DPOStats(
+        loss.detach(),
+        chosen.mean(),
+        rejected.mean(),
+        margin.mean(),
+        (margin > 0).float().mean(),
+        torch.tensor(float(pc.numel())),
+    )
     return loss, stats
 
 
@@ -127,10 +135,12 @@ def linear_dpo_loss(
     rows = hidden.shape[0]
     if rows % 2:
         raise ValueError(f"hidden must stack P chosen then P rejected rows (an even B), got B = {rows}")
-    ref = per_token("ref_logprobs", ref_logprobs, tuple(targets.shape), allow_none=False,
-                    allow_per_sequence=True)
-    seq = sequence_logprobs(hidden, weight, targets, mask, bias=bias, temperature=temperature,
-                            softcap=softcap, backend=backend)
+    ref = per_token(
+        "ref_logprobs", ref_logprobs, tuple(targets.shape), allow_none=False, allow_per_sequence=True
+    )
+    seq = sequence_logprobs(
+        hidden, weight, targets, mask, bias=bias, temperature=temperature, softcap=softcap, backend=backend
+    )
     if ref.dim() == 2:
         ref = (ref.to(seq.device) * as_mask("mask", mask, targets.shape).to(seq.device)).sum(1)
     ref = ref.to(seq.device)

@@ -50,8 +50,9 @@ def _rank_of(x: torch.Tensor, dtype: torch.dtype) -> float:
 
 
 @torch.no_grad()
-def effective_rank(h: torch.Tensor, *, max_tokens: Optional[int] = 512,
-                   dtype: torch.dtype = torch.float32) -> float:
+def effective_rank(
+    h: torch.Tensor, *, max_tokens: Optional[int] = 512, dtype: torch.dtype = torch.float32
+) -> float:
     """ER = exp(-sum_i p_i log p_i), p = s / sum(s), s = singular values of the token-centred h.
 
     h: [T, d] hidden states of one response (after the final norm). Only the last `max_tokens` tokens are used
@@ -116,8 +117,9 @@ def erv_era(
 
 
 @torch.no_grad()
-def erv_era_batch(hidden: torch.Tensor, mask: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                  torch.Tensor]:
+def erv_era_batch(
+    hidden: torch.Tensor, mask: torch.Tensor, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`erv_era` of each response in a batch: hidden [B, T, d], mask [B, T] (1 on response tokens).
 
     Returns (er, erv, era), fp32 [B] tensors on hidden's device; keyword arguments go to `erv_era`.
@@ -169,8 +171,16 @@ class EffectiveRankShaper:
     last-token advantages or mask the returned bonus yourself.
     """
 
-    def __init__(self, *, momentum: float = 0.7, gain: float = 2.0, kappa: float = 2.0, clip: float = 5.0,
-                 eps: float = 1e-8, schedule: str = "authors"):
+    def __init__(
+        self,
+        *,
+        momentum: float = 0.7,
+        gain: float = 2.0,
+        kappa: float = 2.0,
+        clip: float = 5.0,
+        eps: float = 1e-8,
+        schedule: str = "authors",
+    ):
         if isinstance(momentum, bool) or not isinstance(momentum, Real) or not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         self.momentum = float(momentum)
@@ -188,20 +198,24 @@ class EffectiveRankShaper:
         m = self.momentum
         self.mu = [m * mu + (1 - m) * x for mu, x in zip(self.mu, means)]
 
-    def __call__(self, advantages: torch.Tensor, er: torch.Tensor, erv: torch.Tensor,
-                 era: torch.Tensor) -> tuple[torch.Tensor, ShapingStats]:
+    def __call__(
+        self, advantages: torch.Tensor, er: torch.Tensor, erv: torch.Tensor, era: torch.Tensor
+    ) -> tuple[torch.Tensor, ShapingStats]:
         """(shaped advantages, ShapingStats); updates the moving means (see the class docstring)."""
         check_tensor("advantages", advantages)
         if advantages.dim() not in (1, 2) or not advantages.is_floating_point():
-            raise ValueError(f"advantages must be a floating [B] or [B, T] tensor, got {advantages.dtype} "
-                             f"shape {tuple(advantages.shape)}")
+            raise ValueError(
+                f"advantages must be a floating [B] or [B, T] tensor, got {advantages.dtype} "
+                f"shape {tuple(advantages.shape)}"
+            )
         b = advantages.shape[0]
         xs = []
         for name, x in (("er", er), ("erv", erv), ("era", era)):
             check_tensor(name, x)
             if tuple(x.shape) != (b,):
-                raise ValueError(f"{name} must be [B] = ({b},) like advantages' first dim, "
-                                 f"got {tuple(x.shape)}")
+                raise ValueError(
+                    f"{name} must be [B] = ({b},) like advantages' first dim, got {tuple(x.shape)}"
+                )
             xs.append(x.detach().to(device=advantages.device, dtype=torch.float32))
         means = [float(x.mean()) if b else 0.0 for x in xs]
         if self.schedule == "ema" and self.mu is None:
@@ -228,17 +242,30 @@ class EffectiveRankShaper:
 
     def state_dict(self) -> dict:
         """Plain-Python state (JSON- and torch.save-able): hyper-parameters, moving means, pending means."""
-        return {"momentum": self.momentum, "gain": self.gain, "kappa": self.kappa, "clip": self.clip,
-                "eps": self.eps, "schedule": self.schedule,
-                "mu": None if self.mu is None else list(self.mu),
-                "pending": None if self.pending is None else list(self.pending), "calls": self.calls}
+        return {
+            "momentum": self.momentum,
+            "gain": self.gain,
+            "kappa": self.kappa,
+            "clip": self.clip,
+            "eps": self.eps,
+            "schedule": self.schedule,
+            "mu": None if self.mu is None else list(self.mu),
+            "pending": None if self.pending is None else list(self.pending),
+            "calls": self.calls,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         missing = set(self.state_dict()) - set(state)
         if missing:
             raise KeyError(f"state is missing {sorted(missing)}")
-        fresh = EffectiveRankShaper(momentum=state["momentum"], gain=state["gain"], kappa=state["kappa"],
-                                    clip=state["clip"], eps=state["eps"], schedule=state["schedule"])
+        fresh = EffectiveRankShaper(
+            momentum=state["momentum"],
+            gain=state["gain"],
+            kappa=state["kappa"],
+            clip=state["clip"],
+            eps=state["eps"],
+            schedule=state["schedule"],
+        )
         for key in ("mu", "pending"):
             v = state[key]
             if v is not None and (len(v) != 3 or not all(isinstance(x, Real) for x in v)):

@@ -94,8 +94,9 @@ def default_ks(n: int) -> list[int]:
     return ks if ks[-1] == n else ks + [n]
 
 
-def pass_at_k_curve(correct_counts: ArrayLike, n: ArrayLike,
-                    ks: Optional[Sequence[int]] = None) -> dict[int, float]:
+def pass_at_k_curve(
+    correct_counts: ArrayLike, n: ArrayLike, ks: Optional[Sequence[int]] = None
+) -> dict[int, float]:
     """{k: mean over problems of pass@k} for correct counts [P] out of n samples (an int or [P]).
 
     ks defaults to `default_ks(min(n))`; each k must be <= every problem's n.
@@ -246,8 +247,10 @@ def leash_report(
     cb = _as_counts("base_correct", base_correct)
     ct = _as_counts("trained_correct", trained_correct)
     if cb.ndim != 1 or ct.shape != cb.shape or len(ids) != cb.size:
-        raise ValueError(f"problem_ids ({len(ids)}), base_correct {cb.shape} and trained_correct {ct.shape} "
-                         "must be 1-D of the same length")
+        raise ValueError(
+            f"problem_ids ({len(ids)}), base_correct {cb.shape} and trained_correct {ct.shape} "
+            "must be 1-D of the same length"
+        )
     if cb.size == 0:
         raise ValueError("problem_ids must not be empty")
     nb = np.broadcast_to(_as_counts("n_base", n_base), cb.shape)
@@ -262,13 +265,19 @@ def leash_report(
     for name, answers in (("base", base_answers), ("trained", trained_answers)):
         if answers is not None:
             if len(answers) != len(ids):
-                raise ValueError(f"{name}_answers must hold one list per problem ({len(ids)}), "
-                                 f"got {len(answers)}")
+                raise ValueError(
+                    f"{name}_answers must hold one list per problem ({len(ids)}), got {len(answers)}"
+                )
             ent[name] = [answer_entropy(a, none=none) for a in answers]
     rows = []
     for i, pid in enumerate(ids):
-        row = {"problem": pid, "base_correct": int(cb[i]), "base_n": int(nb[i]),
-               "trained_correct": int(ct[i]), "trained_n": int(nt[i])}
+        row = {
+            "problem": pid,
+            "base_correct": int(cb[i]),
+            "base_n": int(nb[i]),
+            "trained_correct": int(ct[i]),
+            "trained_n": int(nt[i]),
+        }
         row.update({f"base_pass@{k}": float(pb[k][i]) for k in ks})
         row.update({f"trained_pass@{k}": float(pt[k][i]) for k in ks})
         row.update({f"{name}_answer_entropy": vals[i] for name, vals in ent.items()})
@@ -335,8 +344,9 @@ def rows_to_markdown(rows: Sequence[Mapping]) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot_pass_at_k(curves: Mapping[str, Mapping[int, float]], path: str, *,
-                   title: Optional[str] = None) -> str:
+def plot_pass_at_k(
+    curves: Mapping[str, Mapping[int, float]], path: str, *, title: Optional[str] = None
+) -> str:
     """Write a PNG of pass@k against k (log2 axis), one line per named curve; returns the path."""
     if not curves:
         raise ValueError("curves must hold at least one named {k: pass@k} curve")
@@ -382,6 +392,7 @@ def write_report(report: LeashReport, out_dir: str, *, plot: bool = True) -> dic
             paths[f"{stem}.{ext}"] = os.path.join(out_dir, f"{stem}.{ext}")
             _write_text(paths[f"{stem}.{ext}"], render(rows))
     if plot:
-        paths["pass_at_k.png"] = plot_pass_at_k(report.curves, os.path.join(out_dir, "pass_at_k.png"),
-                                                title="pass@k: base vs trained")
+        paths["pass_at_k.png"] = plot_pass_at_k(
+            report.curves, os.path.join(out_dir, "pass_at_k.png"), title="pass@k: base vs trained"
+        )
     return paths

@@ -21,12 +21,23 @@ from fused_rlvr.linear_logprobs import fused_token_stats, make_params
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "k1+", "k2+", "k3+")
 IMPORTANCE = ("token", "sequence")
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
-                "grpo", "bnpo", "dr_grpo", "dapo")
+AGGREGATIONS = (
+    "token-mean",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+    "grpo",
+    "bnpo",
+    "dr_grpo",
+    "dapo",
+)
 # TRL's names -> (seq-mean weighting 1/n_i, default divisor)
 _AGG = {
-    "token-mean": (False, "tokens"), "bnpo": (False, "tokens"), "dapo": (False, "tokens"),
-    "seq-mean-token-mean": (True, "seqs"), "grpo": (True, "seqs"),
+    "token-mean": (False, "tokens"),
+    "bnpo": (False, "tokens"),
+    "dapo": (False, "tokens"),
+    "seq-mean-token-mean": (True, "seqs"),
+    "grpo": (True, "seqs"),
     "seq-mean-token-sum": (False, "seqs"),
     "seq-mean-token-sum-norm": (False, "max_len"),
     "dr_grpo": (False, "seqs*max_len"),
@@ -117,14 +128,22 @@ def grpo_token_loss_torch(lp, ent, old, ref, adv, mask, steer, params: GRPOParam
     loss = (w * total).sum()
     ratio_d = ratio.detach()
     mf = valid.float()
-    parts = torch.stack([
-        loss.detach(), (w * pg).sum().detach(), (w * params.beta * kl_val).sum().detach(),
-        (w * params.entropy_coef * ent_).sum().detach(), mf.sum(), (mf * ratio_d).sum(),
-        (valid & (ratio_d < 1 - params.eps_low) & (adv2 < 0)).float().sum(),
-        (valid & (ratio_d > 1 + params.eps_high) & (adv2 > 0)).float().sum(),
-        (valid & dual_hit).float().sum(), -(mf * x_old.detach()).sum(), (mf * ent_.detach()).sum(),
-        (mf * kl_val.detach()).sum(),
-    ])
+    parts = torch.stack(
+        [
+            loss.detach(),
+            (w * pg).sum().detach(),
+            (w * params.beta * kl_val).sum().detach(),
+            (w * params.entropy_coef * ent_).sum().detach(),
+            mf.sum(),
+            (mf * ratio_d).sum(),
+            (valid & (ratio_d < 1 - params.eps_low) & (adv2 < 0)).float().sum(),
+            (valid & (ratio_d > 1 + params.eps_high) & (adv2 > 0)).float().sum(),
+            (valid & dual_hit).float().sum(),
+            -(mf * x_old.detach()).sum(),
+            (mf * ent_.detach()).sum(),
+            (mf * kl_val.detach()).sum(),
+        ]
+    )
     return loss, parts
 
 
@@ -135,11 +154,23 @@ class _GRPOTokenLossTriton(torch.autograd.Function):
     def forward(ctx, lp, ent, old, ref, adv, mask, steer, params: GRPOParams, inv_divisor: float, interpret):
         mod = kernel_module("grpo_loss", interpret)
         g_lp, g_ent, parts = mod.grpo_token_loss(
-            lp.contiguous(), None if ent is None else ent.detach().contiguous(), old, ref, adv.contiguous(),
-            mask.contiguous(), steer,
-            eps_low=params.eps_low, eps_high=params.eps_high, dual_clip=params.dual_clip, beta=params.beta,
-            kl=params.kl, entropy_coef=params.entropy_coef, inv_divisor=inv_divisor,
-            seq_ratio=params.importance == "sequence", seq_mean=params.seq_mean, clamp=params.clamp,
+            lp.contiguous(),
+            None if ent is None else ent.detach().contiguous(),
+            old,
+            ref,
+            adv.contiguous(),
+            mask.contiguous(),
+            steer,
+            eps_low=params.eps_low,
+            eps_high=params.eps_high,
+            dual_clip=params.dual_clip,
+            beta=params.beta,
+            kl=params.kl,
+            entropy_coef=params.entropy_coef,
+            inv_divisor=inv_divisor,
+            seq_ratio=params.importance == "sequence",
+            seq_mean=params.seq_mean,
+            clamp=params.clamp,
             interpret=interpret,
         )
         sums = parts.sum(0)
@@ -150,8 +181,18 @@ class _GRPOTokenLossTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_parts):
         g_lp, g_ent = ctx.saved_tensors
-        return (g_lp * grad_loss, None if g_ent is None else g_ent * grad_loss,
-                None, None, None, None, None, None, None, None)
+        return (
+            g_lp * grad_loss,
+            None if g_ent is None else g_ent * grad_loss,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def loss_divisor(agg: str, n_tokens: float, n_seqs: float, max_len: float) -> float:
@@ -183,8 +224,23 @@ def _stats(parts: torch.Tensor, steer: Optional[torch.Tensor], mask: torch.Tenso
         s_mean, s_min, s_max = sw.mean(), sw.min(), sw.max()
     else:
         s_mean = s_min = s_max = torch.ones((), device=p.device)
-    return GRPOStats(p[0], p[1], p[2], p[3], p[6] / tokens, p[7] / tokens, p[8] / tokens, p[9] / tokens,
-                     p[11] / tokens, p[5] / tokens, p[10] / tokens, s_mean, s_min, s_max, p[4])
+    return GRPOStats(
+        p[0],
+        p[1],
+        p[2],
+        p[3],
+        p[6] / tokens,
+        p[7] / tokens,
+        p[8] / tokens,
+        p[9] / tokens,
+        p[11] / tokens,
+        p[5] / tokens,
+        p[10] / tokens,
+        s_mean,
+        s_min,
+        s_max,
+        p[4],
+    )
 
 
 def linear_grpo_loss(
@@ -236,8 +292,21 @@ def linear_grpo_loss(
 
     Returns (loss, GRPOStats).
     """
-    b_t = _check_grpo_inputs(hidden, targets, advantages, beta, kl, eps_low, eps_high, dual_clip, importance,
-                             agg, entropy_coef, steer, ref_logprobs)
+    b_t = _check_grpo_inputs(
+        hidden,
+        targets,
+        advantages,
+        beta,
+        kl,
+        eps_low,
+        eps_high,
+        dual_clip,
+        importance,
+        agg,
+        entropy_coef,
+        steer,
+        ref_logprobs,
+    )
     m = as_mask("mask", mask, b_t)
     adv = per_token("advantages", advantages, b_t, allow_none=False, allow_per_sequence=True)
     old = per_token("old_logprobs", old_logprobs, b_t)
@@ -245,36 +314,79 @@ def linear_grpo_loss(
     old_ent = per_token("old_entropy", old_entropy, b_t)
     if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
         raise ValueError(f"max_len must be a positive int, got {max_len!r}")
-    params = GRPOParams(eps_low, eps_high, dual_clip, beta, kl, importance, _AGG[agg][0], entropy_coef,
-                        positive_finite("logratio_clamp", logratio_clamp))
+    params = GRPOParams(
+        eps_low,
+        eps_high,
+        dual_clip,
+        beta,
+        kl,
+        importance,
+        _AGG[agg][0],
+        entropy_coef,
+        positive_finite("logratio_clamp", logratio_clamp),
+    )
     inv_divisor = 1.0 / _divisor(agg, m, max_len, normalizer)
 
     # 1. fused per-token log-probs / entropy (masked tokens cost no vocabulary work)
     ignore = -100
     y = torch.where(m > 0, targets, torch.full_like(targets, ignore))
     moments = steer is not None and steer.mode == "exact"
-    lp_params = make_params(hidden, weight, y, bias, temperature, softcap, ignore, backend, moments,
-                            process_group=process_group, vocab_start=vocab_start,
-                            reduce_grad_hidden=reduce_grad_hidden)
+    lp_params = make_params(
+        hidden,
+        weight,
+        y,
+        bias,
+        temperature,
+        softcap,
+        ignore,
+        backend,
+        moments,
+        process_group=process_group,
+        vocab_start=vocab_start,
+        reduce_grad_hidden=reduce_grad_hidden,
+    )
     lp, ent, p2, p2logp = fused_token_stats(hidden, weight, bias, y, lp_params)
 
     # 2. STEER weights (no grad) and 3. the per-token epilogue feeding the fused backward
     sw = None
     if steer is not None:
-        sw = steer_weights(lp.detach(), old if old is not None else lp.detach(),
-                           old_ent if old_ent is not None else ent.detach(), adv, m, mode=steer.mode,
-                           lambda_min=steer.lambda_min, lambda_max=steer.lambda_max, sum_p2=p2,
-                           sum_p2_logp=p2logp, entropy=ent.detach())
+        sw = steer_weights(
+            lp.detach(),
+            old if old is not None else lp.detach(),
+            old_ent if old_ent is not None else ent.detach(),
+            adv,
+            m,
+            mode=steer.mode,
+            lambda_min=steer.lambda_min,
+            lambda_max=steer.lambda_max,
+            sum_p2=p2,
+            sum_p2_logp=p2logp,
+            entropy=ent.detach(),
+        )
     if lp_params.backend == "triton":
-        loss, parts = _GRPOTokenLossTriton.apply(lp, ent, old, ref, adv, m, sw, params, inv_divisor,
-                                                 lp_params.interpret)
+        loss, parts = _GRPOTokenLossTriton.apply(
+            lp, ent, old, ref, adv, m, sw, params, inv_divisor, lp_params.interpret
+        )
     else:
         loss, parts = grpo_token_loss_torch(lp, ent, old, ref, adv, m, sw, params, inv_divisor)
     return loss, _stats(parts, sw, m)
 
 
-def _check_grpo_inputs(hidden, targets, advantages, beta, kl, eps_low, eps_high, dual_clip, importance, agg,
-                       entropy_coef, steer, ref_logprobs):
+def _check_grpo_inputs(
+    hidden,
+    targets,
+    advantages,
+    beta,
+    kl,
+    eps_low,
+    eps_high,
+    dual_clip,
+    importance,
+    agg,
+    entropy_coef,
+    steer,
+    ref_logprobs,
+):
     check_tensor("hidden", hidden)
     check_tensor("targets", targets)
     check_tensor("advantages", advantages)

@@ -98,14 +98,16 @@ class LinearLogprobFunction(torch.autograd.Function):
         needs = (need_h, need_w, bias is not None and need_b)
         if (grad_logprob is None and grad_entropy is None) or not any(needs):
             return None, None, None, None, None
-        grads = backward_grads(hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy,
-                               ctx.params, needs)
+        grads = backward_grads(
+            hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy, ctx.params, needs
+        )
         return (*grads, None, None)
 
 
 @torch.compiler.disable
-def backward_grads(hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy,
-                   params: LogprobParams, needs):
+def backward_grads(
+    hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy, params: LogprobParams, needs
+):
     """(d_hidden, d_weight, d_bias) for upstream grads of the per-token outputs (None where not needed).
 
     Vocabulary-parallel: d_weight and d_bias are this rank's shard; d_hidden is all-reduced over the group
@@ -121,10 +123,16 @@ def backward_grads(hidden, weight, bias, targets, lse, entropy, grad_logprob, gr
 
     shard = params.shard
     dhv, dw, db = _impl(params).backward(
-        hv, weight, bias, yv if shard is None else shard.local_targets(yv), valid(lse), valid(entropy),
+        hv,
+        weight,
+        bias,
+        yv if shard is None else shard.local_targets(yv),
+        valid(lse),
+        valid(entropy),
         None if grad_logprob is None else valid(grad_logprob),
         None if grad_entropy is None else valid(grad_entropy),
-        params, needs,
+        params,
+        needs,
     )
     dh = None
     if dhv is not None:
@@ -138,17 +146,31 @@ def backward_grads(hidden, weight, bias, targets, lse, entropy, grad_logprob, gr
     return dh, dw, db
 
 
-def make_params(hidden, weight, targets, bias, temperature, softcap, ignore_index, backend, moments=False, *,
-                process_group: Any = None, vocab_start: Optional[int] = None,
-                reduce_grad_hidden: bool = True) -> LogprobParams:
+def make_params(
+    hidden,
+    weight,
+    targets,
+    bias,
+    temperature,
+    softcap,
+    ignore_index,
+    backend,
+    moments=False,
+    *,
+    process_group: Any = None,
+    vocab_start: Optional[int] = None,
+    reduce_grad_hidden: bool = True,
+) -> LogprobParams:
     """Validate the public arguments and build the LogprobParams for them.
 
     With a process_group, weight/bias are this rank's vocabulary shard: the checks then run on every rank
     together (fused_rlvr.distributed.vocab_shard) and the params carry the resolved VocabShard.
     """
+
     def local_check():
-        check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend,
-                            check_targets=process_group is None)
+        check_linear_inputs(
+            hidden, weight, targets, bias, ignore_index, backend, check_targets=process_group is None
+        )
         temp = positive_finite("temperature", temperature)
         cap = positive_finite("softcap", softcap, allow_none=True)
         resolved, interpret = resolve_backend(backend, hidden.device)
@@ -157,14 +179,26 @@ def make_params(hidden, weight, targets, bias, temperature, softcap, ignore_inde
 
     if process_group is None:
         if vocab_start is not None:
-            raise ValueError(f"vocab_start={vocab_start!r} is only used with process_group (a "
-                             "vocabulary-parallel lm-head); pass process_group too or leave vocab_start=None")
+            raise ValueError(
+                f"vocab_start={vocab_start!r} is only used with process_group (a "
+                "vocabulary-parallel lm-head); pass process_group too or leave vocab_start=None"
+            )
         if reduce_grad_hidden is not True:
-            raise ValueError("reduce_grad_hidden=False is only used with process_group (a vocabulary-"
-                             "parallel lm-head, whose d_hidden is otherwise all-reduced over the group)")
+            raise ValueError(
+                "reduce_grad_hidden=False is only used with process_group (a vocabulary-"
+                "parallel lm-head, whose d_hidden is otherwise all-reduced over the group)"
+            )
         return local_check()[0]
-    params, shard = vocab_shard(process_group, vocab_start, hidden, weight, targets, ignore_index,
-                                local_check=local_check, reduce_grad_hidden=reduce_grad_hidden)
+    params, shard = vocab_shard(
+        process_group,
+        vocab_start,
+        hidden,
+        weight,
+        targets,
+        ignore_index,
+        local_check=local_check,
+        reduce_grad_hidden=reduce_grad_hidden,
+    )
     return replace(params, shard=shard)
 
 
@@ -220,9 +254,19 @@ def linear_logprobs(
     Under `torch.no_grad()` (or when nothing requires grad) only the forward runs and nothing is saved.
     The target-range check costs a device sync: see `fused_rlvr.set_target_check` to skip it.
     """
-    params = make_params(hidden, weight, targets, bias, temperature, softcap, ignore_index, backend,
-                         process_group=process_group, vocab_start=vocab_start,
-                         reduce_grad_hidden=reduce_grad_hidden)
+    params = make_params(
+        hidden,
+        weight,
+        targets,
+        bias,
+        temperature,
+        softcap,
+        ignore_index,
+        backend,
+        process_group=process_group,
+        vocab_start=vocab_start,
+        reduce_grad_hidden=reduce_grad_hidden,
+    )
     lp, ent, _, _ = fused_token_stats(hidden, weight, bias, targets, params)
     return TokenStats(lp, ent if return_entropy else None)
 
@@ -258,6 +302,17 @@ def linear_entropy_moments(
     sum_p2_logp = sum_v p_v^2 log p_v — what the first-order entropy-change estimate needs.
     process_group / vocab_start: a vocabulary-parallel weight shard, as in `linear_logprobs`.
     """
-    params = make_params(hidden, weight, targets, bias, temperature, softcap, ignore_index, backend, True,
-                         process_group=process_group, vocab_start=vocab_start)
+    params = make_params(
+        hidden,
+        weight,
+        targets,
+        bias,
+        temperature,
+        softcap,
+        ignore_index,
+        backend,
+        True,
+        process_group=process_group,
+        vocab_start=vocab_start,
+    )
     return forward_stats(hidden, weight, bias, targets, params)

@@ -14,24 +14,74 @@ from fused_rlvr.pacs import PACSStats, linear_pacs_loss
 class LinearGRPOLoss(torch.nn.Module):
     """`linear_grpo_loss` with its hyper-parameters fixed at construction."""
 
-    def __init__(self, *, beta: float = 0.0, kl: str = "k3", eps_low: float = 0.2, eps_high: float = 0.2,
-                 dual_clip: Optional[float] = None, importance: str = "token", agg: str = "token-mean",
-                 entropy_coef: float = 0.0, steer: Optional[SteerConfig] = None, temperature: float = 1.0,
-                 softcap: Optional[float] = None, backend: str = "auto", logratio_clamp: float = 20.0):
+    def __init__(
+        self,
+        *,
+        beta: float = 0.0,
+        kl: str = "k3",
+        eps_low: float = 0.2,
+        eps_high: float = 0.2,
+        dual_clip: Optional[float] = None,
+        importance: str = "token",
+        agg: str = "token-mean",
+        entropy_coef: float = 0.0,
+        steer: Optional[SteerConfig] = None,
+        temperature: float = 1.0,
+        softcap: Optional[float] = None,
+        backend: str = "auto",
+        logratio_clamp: float = 20.0,
+    ):
         super().__init__()
-        self.kwargs = dict(beta=beta, kl=kl, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
-                           importance=importance, agg=agg, entropy_coef=entropy_coef, steer=steer,
-                           temperature=temperature, softcap=softcap, backend=backend,
-                           logratio_clamp=logratio_clamp)
+        self.kwargs = dict(
+            beta=beta,
+            kl=kl,
+            eps_low=eps_low,
+            eps_high=eps_high,
+            dual_clip=dual_clip,
+            importance=importance,
+            agg=agg,
+            entropy_coef=entropy_coef,
+            steer=steer,
+            temperature=temperature,
+            softcap=softcap,
+            backend=backend,
+            logratio_clamp=logratio_clamp,
+        )
 
-    def forward(self, hidden, weight, targets, advantages, mask, *, old_logprobs=None, ref_logprobs=None,
-                bias=None, normalizer=None, max_len=None, old_entropy=None, process_group=None,
-                vocab_start=None) -> tuple[torch.Tensor, GRPOStats]:
+    def forward(
+        self,
+        hidden,
+        weight,
+        targets,
+        advantages,
+        mask,
+        *,
+        old_logprobs=None,
+        ref_logprobs=None,
+        bias=None,
+        normalizer=None,
+        max_len=None,
+        old_entropy=None,
+        process_group=None,
+        vocab_start=None,
+    ) -> tuple[torch.Tensor, GRPOStats]:
         """process_group / vocab_start: `weight` is this rank's vocabulary shard (see linear_logprobs)."""
-        return linear_grpo_loss(hidden, weight, targets, advantages, mask, old_logprobs=old_logprobs,
-                                ref_logprobs=ref_logprobs, bias=bias, normalizer=normalizer, max_len=max_len,
-                                old_entropy=old_entropy, process_group=process_group, vocab_start=vocab_start,
-                                **self.kwargs)
+        return linear_grpo_loss(
+            hidden,
+            weight,
+            targets,
+            advantages,
+            mask,
+            old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs,
+            bias=bias,
+            normalizer=normalizer,
+            max_len=max_len,
+            old_entropy=old_entropy,
+            process_group=process_group,
+            vocab_start=vocab_start,
+            **self.kwargs,
+        )
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.kwargs.items())
@@ -40,18 +90,56 @@ class LinearGRPOLoss(torch.nn.Module):
 class LinearPACSLoss(torch.nn.Module):
     """`linear_pacs_loss` with its hyper-parameters fixed at construction."""
 
-    def __init__(self, *, beta: float = 1.0, baseline: str = "rloo", class_balance: bool = True,
-                 temperature: float = 1.0, softcap: Optional[float] = None, backend: str = "auto"):
+    def __init__(
+        self,
+        *,
+        beta: float = 1.0,
+        baseline: str = "rloo",
+        class_balance: bool = True,
+        temperature: float = 1.0,
+        softcap: Optional[float] = None,
+        backend: str = "auto",
+    ):
         super().__init__()
-        self.kwargs = dict(beta=beta, baseline=baseline, class_balance=class_balance, temperature=temperature,
-                           softcap=softcap, backend=backend)
+        self.kwargs = dict(
+            beta=beta,
+            baseline=baseline,
+            class_balance=class_balance,
+            temperature=temperature,
+            softcap=softcap,
+            backend=backend,
+        )
 
-    def forward(self, hidden, weight, targets, rewards, mask, group_ids, *, old_logprobs, bias=None,
-                normalizer=None, process_group=None, vocab_start=None) -> tuple[torch.Tensor, PACSStats]:
+    def forward(
+        self,
+        hidden,
+        weight,
+        targets,
+        rewards,
+        mask,
+        group_ids,
+        *,
+        old_logprobs,
+        bias=None,
+        normalizer=None,
+        process_group=None,
+        vocab_start=None,
+    ) -> tuple[torch.Tensor, PACSStats]:
         """process_group / vocab_start: `weight` is this rank's vocabulary shard (see linear_logprobs)."""
-        return linear_pacs_loss(hidden, weight, targets, rewards, mask, group_ids, old_logprobs=old_logprobs,
-                                bias=bias, normalizer=normalizer, process_group=process_group,
-                                vocab_start=vocab_start, **self.kwargs)
+        return linear_pacs_loss(
+            hidden,
+            weight,
+            targets,
+            rewards,
+            mask,
+            group_ids,
+            old_logprobs=old_logprobs,
+            bias=bias,
+            normalizer=normalizer,
+            process_group=process_group,
+            vocab_start=vocab_start,
+            **self.kwargs,
+        )
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.kwargs.items())

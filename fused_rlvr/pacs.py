@@ -39,8 +39,9 @@ class _SequenceScoreTriton(torch.autograd.Function):
         return ctx.beta * grad_score[:, None] * mask, None, None, None, None
 
 
-def pacs_loss_from_scores(scores, rewards, group_ids, *, baseline="rloo", class_balance=True, normalizer=None,
-                          eps=1e-6):
+def pacs_loss_from_scores(
+    scores, rewards, group_ids, *, baseline="rloo", class_balance=True, normalizer=None, eps=1e-6
+):
     """PACS loss from per-sequence implicit rewards `scores` [B] (differentiable) and 0/1 outcomes [B].
 
     psi_i = score_i - mean_{j != i in group} score_j (rloo) | (score_i - mean_g) / (std_g + eps) (grpo) |
@@ -85,8 +86,15 @@ def pacs_loss_from_scores(scores, rewards, group_ids, *, baseline="rloo", class_
     bce = torch.nn.functional.softplus(psi) - r * psi
     loss = (w * bce).sum() / n
     acc = ((psi.detach() > 0).to(scores.dtype) == label).to(scores.dtype).mean()
-    return loss, PACSStats(loss.detach(), scores.detach().mean(), psi.detach().mean(), acc, r.mean(),
-                           w.detach().mean(), torch.tensor(float(scores.numel())))
+    return loss, PACSStats(
+        loss.detach(),
+        scores.detach().mean(),
+        psi.detach().mean(),
+        acc,
+        r.mean(),
+        w.detach().mean(),
+        torch.tensor(float(scores.numel())),
+    )
 
 
 def linear_pacs_loss(
@@ -131,20 +139,33 @@ def linear_pacs_loss(
     if tuple(group_ids.shape) != b_t[:1]:
         raise ValueError(f"group_ids must be [B] = {b_t[:1]}, got {tuple(group_ids.shape)}")
     if bool(((rewards < 0) | (rewards > 1)).any()) or not bool(torch.isfinite(rewards.float()).all()):
-        raise ValueError(f"rewards must lie in [0, 1] (verifier outcomes), got min {float(rewards.min())} "
-                         f"max {float(rewards.max())}")
+        raise ValueError(
+            f"rewards must lie in [0, 1] (verifier outcomes), got min {float(rewards.min())} "
+            f"max {float(rewards.max())}"
+        )
     beta = non_negative("beta", beta)
     one_of("baseline", baseline, BASELINES)
     m = as_mask("mask", mask, b_t)
     old = per_token("old_logprobs", old_logprobs, b_t, allow_none=False)
     y = torch.where(m > 0, targets, torch.full_like(targets, -100))
-    params = make_params(hidden, weight, y, bias, temperature, softcap, -100, backend,
-                         process_group=process_group, vocab_start=vocab_start,
-                         reduce_grad_hidden=reduce_grad_hidden)
+    params = make_params(
+        hidden,
+        weight,
+        y,
+        bias,
+        temperature,
+        softcap,
+        -100,
+        backend,
+        process_group=process_group,
+        vocab_start=vocab_start,
+        reduce_grad_hidden=reduce_grad_hidden,
+    )
     lp, _ent, _, _ = fused_token_stats(hidden, weight, bias, y, params)
     if params.backend == "triton":
         scores = _SequenceScoreTriton.apply(lp, old, m, beta, params.interpret)
     else:
         scores = beta * ((lp - old) * m).sum(1)
-    return pacs_loss_from_scores(scores, rewards, group_ids, baseline=baseline, class_balance=class_balance,
-                                 normalizer=normalizer)
+    return pacs_loss_from_scores(
+        scores, rewards, group_ids, baseline=baseline, class_balance=class_balance, normalizer=normalizer
+    )

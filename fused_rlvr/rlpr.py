@@ -33,16 +33,22 @@ def rlpr_score(answer_logprobs: torch.Tensor, answer_mask: torch.Tensor) -> torc
     """
     check_tensor("answer_logprobs", answer_logprobs)
     if answer_logprobs.dim() != 2 or not answer_logprobs.is_floating_point():
-        raise ValueError(f"answer_logprobs must be a floating [B, L] tensor, got {answer_logprobs.dtype} "
-                         f"shape {tuple(answer_logprobs.shape)}")
+        raise ValueError(
+            f"answer_logprobs must be a floating [B, L] tensor, got {answer_logprobs.dtype} "
+            f"shape {tuple(answer_logprobs.shape)}"
+        )
     m = as_mask("answer_mask", answer_mask, answer_logprobs.shape).to(answer_logprobs.device)
     lp = answer_logprobs.detach().float()
     probs = torch.where(m > 0, lp.exp(), torch.zeros_like(lp))
     return probs.sum(1) / m.sum(1).clamp_min(1.0)
 
 
-def rlpr_reward(score_b: torch.Tensor, score_a: Union[torch.Tensor, float],
-                format_ok: Optional[torch.Tensor] = None, w: float = 0.9) -> torch.Tensor:
+def rlpr_reward(
+    score_b: torch.Tensor,
+    score_a: Union[torch.Tensor, float],
+    format_ok: Optional[torch.Tensor] = None,
+    w: float = 0.9,
+) -> torch.Tensor:
     """r = max(0, scoreB - scoreA); with format_ok, reward = w r + (1 - w) format (authors: w = 0.9).
 
     score_b: [B] (`rlpr_score` of the spliced sequences); score_a: [B] or a scalar, the same statistic with
@@ -56,8 +62,9 @@ def rlpr_reward(score_b: torch.Tensor, score_a: Union[torch.Tensor, float],
     sb = score_b.detach().float()
     if isinstance(score_a, torch.Tensor):
         if score_a.dim() > 0 and tuple(score_a.shape) != tuple(sb.shape):
-            raise ValueError(f"score_a must be a scalar or [B] = {tuple(sb.shape)}, "
-                             f"got {tuple(score_a.shape)}")
+            raise ValueError(
+                f"score_a must be a scalar or [B] = {tuple(sb.shape)}, got {tuple(score_a.shape)}"
+            )
         sa = score_a.detach().float().to(sb.device)
     elif isinstance(score_a, Real) and not isinstance(score_a, bool):
         sa = torch.tensor(float(score_a), device=sb.device)
@@ -82,8 +89,10 @@ class Splice(NamedTuple):
 def _ids(name: str, value) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         if value.dim() != 1 or value.is_floating_point() or value.dtype == torch.bool:
-            raise ValueError(f"{name} must be a 1-D integer tensor or a list of ints, got {value.dtype} "
-                             f"shape {tuple(value.shape)}")
+            raise ValueError(
+                f"{name} must be a 1-D integer tensor or a list of ints, got {value.dtype} "
+                f"shape {tuple(value.shape)}"
+            )
         return value.detach().to("cpu", torch.int64)
     values = list(value) if isinstance(value, Sequence) and not isinstance(value, (str, bytes)) else None
     if values is None or not all(isinstance(v, Integral) and not isinstance(v, bool) for v in values):
@@ -133,8 +142,10 @@ def splice_answer(
             raise TypeError(f"answer_span must be None or a (start, end) pair of ints, got {answer_span!r}")
         start, end = int(answer_span[0]), int(answer_span[1])
         if not 0 <= start <= end <= response.numel():
-            raise ValueError(f"answer_span must satisfy 0 <= start <= end <= len(response_ids) = "
-                             f"{response.numel()}, got ({start}, {end})")
+            raise ValueError(
+                f"answer_span must satisfy 0 <= start <= end <= len(response_ids) = "
+                f"{response.numel()}, got ({start}, {end})"
+            )
         head, tail = response[:start], response[end:]
     else:
         strip = {int(s) for s in strip_ids}
@@ -146,7 +157,7 @@ def splice_answer(
     input_ids = torch.cat(parts)
     mask = torch.zeros(input_ids.numel(), dtype=torch.bool)
     start_ref = prompt.numel() + head.numel()
-    mask[start_ref:start_ref + reference.numel()] = True
+    mask[start_ref : start_ref + reference.numel()] = True
     return Splice(input_ids, mask, prompt.numel(), answer_span is not None)
 
 
@@ -186,11 +197,14 @@ class StdFilter:
         check_tensor("rewards", rewards)
         check_tensor("group_ids", group_ids)
         if rewards.dim() != 1 or not rewards.is_floating_point():
-            raise ValueError(f"rewards must be a floating [N] tensor, got {rewards.dtype} shape "
-                             f"{tuple(rewards.shape)}")
+            raise ValueError(
+                f"rewards must be a floating [N] tensor, got {rewards.dtype} shape {tuple(rewards.shape)}"
+            )
         if tuple(group_ids.shape) != tuple(rewards.shape) or group_ids.is_floating_point():
-            raise ValueError(f"group_ids must be an integer [N] = {tuple(rewards.shape)} tensor, got "
-                             f"{group_ids.dtype} shape {tuple(group_ids.shape)}")
+            raise ValueError(
+                f"group_ids must be an integer [N] = {tuple(rewards.shape)} tensor, got "
+                f"{group_ids.dtype} shape {tuple(group_ids.shape)}"
+            )
         uniq, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
         if bool((counts < 2).any()):
             bad = uniq[counts < 2][0].item()
@@ -225,8 +239,14 @@ class StdFilter:
         return self.threshold
 
     def state_dict(self) -> dict:
-        return {"beta": self.beta, "ema": self.ema_ratio, "ema_mean": self.ema_mean,
-                "pending_sum": self.pending_sum, "pending_count": self.pending_count, "steps": self.steps}
+        return {
+            "beta": self.beta,
+            "ema": self.ema_ratio,
+            "ema_mean": self.ema_mean,
+            "pending_sum": self.pending_sum,
+            "pending_count": self.pending_count,
+            "steps": self.steps,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         missing = {"beta", "ema", "ema_mean", "pending_sum", "pending_count", "steps"} - set(state)

@@ -70,6 +70,8 @@ def bwd_vocab_chunk(n_rows: int) -> int:
         return BWD_VOCAB_CHUNK
     width = (BWD_STAGING_ELEMS // max(n_rows, 1)) // 256 * 256
     return max(BWD_VOCAB_CHUNK_MIN, min(BWD_VOCAB_CHUNK_MAX, width))
+
+
 # Target number of programs for the forward's vocabulary split (fills the SMs when N is small).
 FWD_TARGET_PROGRAMS = 1024
 FWD_MAX_SPLITS = 64

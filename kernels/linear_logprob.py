@@ -51,10 +51,28 @@ def _grouped_tile(pid, num_pid_n, num_pid_v, GROUP_N: tl.constexpr):
 
 @triton.jit
 def _logit_tile(
-    h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, H,
-    stride_hn, stride_hk, stride_wv, stride_wk, inv_temp, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, DOT_IEEE: tl.constexpr,
-    EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    offs_n,
+    offs_v,
+    N,
+    V,
+    H,
+    stride_hn,
+    stride_hk,
+    stride_wv,
+    stride_wk,
+    inv_temp,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    DOT_IEEE: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """z = softcap(h W^T + b) / T for a [BLOCK_N, BLOCK_V] tile, fp32; also tanh(u / s) for the chain rule."""
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)
@@ -93,13 +111,33 @@ def _logit_tile(
 
 @triton.jit
 def _fwd_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, part_ptr,
-    N, V, H, NUM_SPLITS, TILES_PER_SPLIT, PLANE,
-    stride_hn, stride_hk, stride_wv, stride_wk,
-    inv_temp, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MOMENTS: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_IEEE: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    part_ptr,
+    N,
+    V,
+    H,
+    NUM_SPLITS,
+    TILES_PER_SPLIT,
+    PLANE,
+    stride_hn,
+    stride_hk,
+    stride_wv,
+    stride_wk,
+    inv_temp,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    MOMENTS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    DOT_IEEE: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_N: tl.constexpr,
     FLATTEN: tl.constexpr,
 ):
     pid_n, pid_s = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), NUM_SPLITS, GROUP_N)
@@ -119,9 +157,28 @@ def _fwd_kernel(
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
         z, _t = _logit_tile(
-            h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, H,
-            stride_hn, stride_hk, stride_wv, stride_wk, inv_temp, softcap,
-            HAS_BIAS, HAS_SOFTCAP, DOT_FP32, DOT_IEEE, EVEN_K, BLOCK_N, BLOCK_V, BLOCK_K,
+            h_ptr,
+            w_ptr,
+            b_ptr,
+            offs_n,
+            offs_v,
+            N,
+            V,
+            H,
+            stride_hn,
+            stride_hk,
+            stride_wv,
+            stride_wk,
+            inv_temp,
+            softcap,
+            HAS_BIAS,
+            HAS_SOFTCAP,
+            DOT_FP32,
+            DOT_IEEE,
+            EVEN_K,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_K,
         )
         z = tl.where(mask_v[None, :], z, float("-inf"))  # vocab tail: -inf, never 0
         zy += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
@@ -150,26 +207,69 @@ def _fwd_kernel(
 
 @triton.jit
 def _dlogits_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dz_ptr,
-    N, V, H, v_start, V_CHUNK,
-    stride_hn, stride_hk, stride_wv, stride_wk, stride_dzn, stride_dzv,
-    inv_temp, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GLP: tl.constexpr, HAS_GENT: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_IEEE: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    lse_ptr,
+    ent_ptr,
+    glp_ptr,
+    gent_ptr,
+    dz_ptr,
+    N,
+    V,
+    H,
+    v_start,
+    V_CHUNK,
+    stride_hn,
+    stride_hk,
+    stride_wv,
+    stride_wk,
+    stride_dzn,
+    stride_dzv,
+    inv_temp,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_GLP: tl.constexpr,
+    HAS_GENT: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    DOT_IEEE: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_N: tl.constexpr,
 ):
-    pid_n, pid_v = _grouped_tile(
-        tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V_CHUNK, BLOCK_V), GROUP_N
-    )
+    pid_n, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V_CHUNK, BLOCK_V), GROUP_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     local_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     offs_v = v_start + local_v
     mask_n = offs_n < N
     mask_v = (offs_v < V) & (local_v < V_CHUNK)
     z, t = _logit_tile(
-        h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, H,
-        stride_hn, stride_hk, stride_wv, stride_wk, inv_temp, softcap,
-        HAS_BIAS, HAS_SOFTCAP, DOT_FP32, DOT_IEEE, EVEN_K, BLOCK_N, BLOCK_V, BLOCK_K,
+        h_ptr,
+        w_ptr,
+        b_ptr,
+        offs_n,
+        offs_v,
+        N,
+        V,
+        H,
+        stride_hn,
+        stride_hk,
+        stride_wv,
+        stride_wk,
+        inv_temp,
+        softcap,
+        HAS_BIAS,
+        HAS_SOFTCAP,
+        DOT_FP32,
+        DOT_IEEE,
+        EVEN_K,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_K,
     )
     rows = tl.minimum(offs_n, N - 1)
     logp = z - tl.load(lse_ptr + rows)[:, None]
@@ -190,7 +290,9 @@ def _dlogits_kernel(
     tl.store(out, du.to(dz_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_v[None, :])
 
 
-def _flags(hidden: torch.Tensor, weight: torch.Tensor, bias, softcap, cfg: TileConfig, interpret: bool) -> dict:
+def _flags(
+    hidden: torch.Tensor, weight: torch.Tensor, bias, softcap, cfg: TileConfig, interpret: bool
+) -> dict:
     return dict(
         HAS_BIAS=bias is not None,
         HAS_SOFTCAP=softcap is not None,
@@ -226,15 +328,30 @@ def forward(
     def launch(cfg: TileConfig) -> torch.Tensor:
         n_tiles = triton.cdiv(N, cfg.BLOCK_N)
         v_tiles = triton.cdiv(V, cfg.BLOCK_V)
-        splits = max(1, min(triton.cdiv(configs.FWD_TARGET_PROGRAMS, n_tiles), v_tiles, configs.FWD_MAX_SPLITS))
+        splits = max(
+            1, min(triton.cdiv(configs.FWD_TARGET_PROGRAMS, n_tiles), v_tiles, configs.FWD_MAX_SPLITS)
+        )
         tiles_per_split = triton.cdiv(v_tiles, splits)
         splits = triton.cdiv(v_tiles, tiles_per_split)  # no split without a real column
         part = torch.empty((6 if moments else 4, splits, N), device=hidden.device, dtype=torch.float32)
         _fwd_kernel[(n_tiles * splits,)](
-            hidden, weight, bias if bias is not None else hidden, targets, part,
-            N, V, H, splits, tiles_per_split, splits * N,
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            float(inv_temperature), float(softcap or 1.0),
+            hidden,
+            weight,
+            bias if bias is not None else hidden,
+            targets,
+            part,
+            N,
+            V,
+            H,
+            splits,
+            tiles_per_split,
+            splits * N,
+            hidden.stride(0),
+            hidden.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            float(inv_temperature),
+            float(softcap or 1.0),
             MOMENTS=moments,
             FLATTEN=cfg.FLATTEN,
             **_flags(hidden, weight, bias, softcap, cfg, interpret),
@@ -243,7 +360,16 @@ def forward(
         return part
 
     if config is None:
-        key = ("fwd", configs.bucket_tokens(N), V, H, hidden.dtype, bias is not None, softcap is not None, moments)
+        key = (
+            "fwd",
+            configs.bucket_tokens(N),
+            V,
+            H,
+            hidden.dtype,
+            bias is not None,
+            softcap is not None,
+            moments,
+        )
         config = _choose(key, configs.FWD_GPU, configs.FWD_CANDIDATES, launch, interpret)
     return launch(config)
 
@@ -295,13 +421,28 @@ def dlogits(
     def launch(cfg: TileConfig) -> torch.Tensor:
         grid = (triton.cdiv(N, cfg.BLOCK_N) * triton.cdiv(chunk, cfg.BLOCK_V),)
         _dlogits_kernel[grid](
-            hidden, weight, bias if bias is not None else hidden, targets, lse, entropy,
+            hidden,
+            weight,
+            bias if bias is not None else hidden,
+            targets,
+            lse,
+            entropy,
             grad_logprob if grad_logprob is not None else lse,
             grad_entropy if grad_entropy is not None else lse,
             out,
-            N, V, H, v_start, chunk,
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-            float(inv_temperature), float(softcap or 1.0),
+            N,
+            V,
+            H,
+            v_start,
+            chunk,
+            hidden.stride(0),
+            hidden.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            out.stride(0),
+            out.stride(1),
+            float(inv_temperature),
+            float(softcap or 1.0),
             HAS_GLP=grad_logprob is not None,
             HAS_GENT=grad_entropy is not None,
             **_flags(hidden, weight, bias, softcap, cfg, interpret),
@@ -310,7 +451,16 @@ def dlogits(
         return out
 
     if config is None:
-        key = ("bwd", configs.bucket_tokens(N), chunk, H, hidden.dtype, bias is not None, softcap is not None,
-               grad_logprob is not None, grad_entropy is not None)
+        key = (
+            "bwd",
+            configs.bucket_tokens(N),
+            chunk,
+            H,
+            hidden.dtype,
+            bias is not None,
+            softcap is not None,
+            grad_logprob is not None,
+            grad_entropy is not None,
+        )
         config = _choose(key, configs.BWD_GPU, configs.BWD_CANDIDATES, launch, interpret)
     return launch(config)

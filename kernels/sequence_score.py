@@ -25,8 +25,9 @@ def _sequence_score_kernel(lp_ptr, old_ptr, mask_ptr, out_ptr, T, scale, BLOCK_T
     tl.store(out_ptr + row, scale * tl.sum(acc, axis=0))
 
 
-def sequence_score(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor, scale: float,
-                   *, interpret: bool) -> torch.Tensor:
+def sequence_score(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor, scale: float, *, interpret: bool
+) -> torch.Tensor:
     """[B] scores from contiguous fp32 [B, T] log-probs, old log-probs and a 0/1 mask."""
     B, T = logprobs.shape
     out = torch.empty(B, device=logprobs.device, dtype=torch.float32)

@@ -12,8 +12,9 @@ from fused_rlvr.reference import reference_logprobs
 BACKENDS = ["torch"] + (["triton"] if importlib.util.find_spec("triton") else [])
 
 
-def make_inputs(n, h, v, dtype, *, seed=0, bias=False, ignore_frac=0.0, peaked=False, negative=False,
-                scale=1.0, lead=None):
+def make_inputs(
+    n, h, v, dtype, *, seed=0, bias=False, ignore_frac=0.0, peaked=False, negative=False, scale=1.0, lead=None
+):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, h, generator=g) * scale / h**0.25
     weight = torch.randn(v, h, generator=g) * scale / h**0.25
@@ -54,7 +55,7 @@ def fused(hidden, weight, targets, *, backend, bias=None, **kw):
 
 def ground_truth(hidden, weight, targets, bias, g_lp, g_ent, **kw):
     kw.pop("backend", None)
-    to64 = (lambda t: None if t is None else t.double())
+    to64 = lambda t: None if t is None else t.double()
     return run(reference_logprobs, to64(hidden), to64(weight), targets, to64(bias), g_lp, g_ent, **kw)
 
 
@@ -78,8 +79,9 @@ def check_fp32(outs, refs, tol=1e-5, names=("logprobs", "entropy", "d_hidden", "
         assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
 
 
-def check_cce_rule(outs, refs, naives, rel_tol, atol=0.0,
-                   names=("logprobs", "entropy", "d_hidden", "d_weight", "d_bias")):
+def check_cce_rule(
+    outs, refs, naives, rel_tol, atol=0.0, names=("logprobs", "entropy", "d_hidden", "d_weight", "d_bias")
+):
     """CCE's rule, elementwise: |gt - fused| <= |gt - naive_same_dtype| + rel_tol * max|gt| + atol."""
     for name, o, r, nv in zip(names, outs, refs, naives):
         o, r, nv = o.double(), r.double(), nv.double()
@@ -87,4 +89,6 @@ def check_cce_rule(outs, refs, naives, rel_tol, atol=0.0,
         slack = (r - nv).abs() + rel_tol * r.abs().max() + atol
         excess = (r - o).abs() - slack
         worst = excess.max().item()
-        assert worst <= 0, f"{name}: exceeds the naive same-dtype error by {worst:.3e} (max|gt|={r.abs().max():.3e})"
+        assert worst <= 0, (
+            f"{name}: exceeds the naive same-dtype error by {worst:.3e} (max|gt|={r.abs().max():.3e})"
+        )

@@ -27,9 +27,26 @@ def _kl(x, kind):
     return val
 
 
-def ref_grpo_loss(lp, ent, adv, mask, old, ref, *, beta=0.0, kl="k3", eps_low=0.2, eps_high=0.2,
-                  dual_clip=None, importance="token", agg="token-mean", entropy_coef=0.0, steer_w=None,
-                  normalizer=None, max_len=None):
+def ref_grpo_loss(
+    lp,
+    ent,
+    adv,
+    mask,
+    old,
+    ref,
+    *,
+    beta=0.0,
+    kl="k3",
+    eps_low=0.2,
+    eps_high=0.2,
+    dual_clip=None,
+    importance="token",
+    agg="token-mean",
+    entropy_coef=0.0,
+    steer_w=None,
+    normalizer=None,
+    max_len=None,
+):
     """Loss from per-token lp / entropy tensors (float64, differentiable), one token at a time."""
     B, T = mask.shape
     L = T if max_len is None else max_len
@@ -42,7 +59,9 @@ def ref_grpo_loss(lp, ent, adv, mask, old, ref, *, beta=0.0, kl="k3", eps_low=0.
             if old is None:
                 mean_lr = torch.zeros((), dtype=lp.dtype)
             else:
-                mean_lr = sum(((lp[i, t] - old[i, t]).detach() for t in toks), torch.zeros((), dtype=lp.dtype))
+                mean_lr = sum(
+                    ((lp[i, t] - old[i, t]).detach() for t in toks), torch.zeros((), dtype=lp.dtype)
+                )
                 mean_lr = mean_lr / max(n_i, 1)
             seq_ratio = torch.exp(mean_lr.clamp(-20, 20))
         total = torch.zeros((), dtype=lp.dtype)
@@ -105,8 +124,14 @@ def ref_steer_exp(lp, old, old_ent, adv, mask, lambda_min=0.8):
 
 def ref_pacs_loss(lp, old, rewards, mask, groups, *, beta=1.0, baseline="rloo", class_balance=True):
     B = mask.shape[0]
-    scores = [beta * sum((lp[i, t] - old[i, t] for t in range(mask.shape[1]) if mask[i, t]),
-                         torch.zeros((), dtype=lp.dtype)) for i in range(B)]
+    scores = [
+        beta
+        * sum(
+            (lp[i, t] - old[i, t] for t in range(mask.shape[1]) if mask[i, t]),
+            torch.zeros((), dtype=lp.dtype),
+        )
+        for i in range(B)
+    ]
     members = {}
     for i in range(B):
         members.setdefault(int(groups[i]), []).append(i)

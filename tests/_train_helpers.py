@@ -12,8 +12,15 @@ from fused_rlvr.train import Hook, make_config
 
 def tiny_config(out_dir, **kw):
     """The `tiny` preset shrunk to seconds per run; keyword arguments override any field."""
-    base = {"out_dir": str(out_dir), "steps": 3, "n_eval": 8, "prompts_per_step": 3, "group_size": 4,
-            "max_new_tokens": 5, "save_every": 0}
+    base = {
+        "out_dir": str(out_dir),
+        "steps": 3,
+        "n_eval": 8,
+        "prompts_per_step": 3,
+        "group_size": 4,
+        "max_new_tokens": 5,
+        "save_every": 0,
+    }
     base.update(kw)
     return make_config("tiny", base)
 
@@ -41,5 +48,7 @@ class SignalAt(Hook):
 
 def params(model) -> dict[str, torch.Tensor]:
     """Detached copies of every parameter (whole tensors for FSDP2-sharded ones)."""
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-            for n, p in model.named_parameters()}
+    return {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for n, p in model.named_parameters()
+    }

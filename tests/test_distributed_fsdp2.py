@@ -62,14 +62,24 @@ def _data(rank):
 
 
 def _head_logprobs(head, hidden, d):
-    lp, ent = F.linear_logprobs(hidden, head.weight, d["targets"], bias=head.bias, temperature=0.8,
-                                backend="torch")
+    lp, ent = F.linear_logprobs(
+        hidden, head.weight, d["targets"], bias=head.bias, temperature=0.8, backend="torch"
+    )
     return lp, ent, (lp * d["g_lp"]).sum() + (ent * d["g_ent"]).sum()
 
 
 def _head_grpo(head, hidden, d):
-    return F.linear_grpo_loss(hidden, head.weight, d["targets"].clamp_min(0), d["adv"], d["mask"],
-                              bias=head.bias, entropy_coef=0.01, temperature=0.8, backend="torch")
+    return F.linear_grpo_loss(
+        hidden,
+        head.weight,
+        d["targets"].clamp_min(0),
+        d["adv"],
+        d["mask"],
+        bias=head.bias,
+        entropy_coef=0.01,
+        temperature=0.8,
+        backend="torch",
+    )
 
 
 def _step(kind, nested):
@@ -98,8 +108,13 @@ def _worker(rank, init_file, out_dir):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                           timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
     res = {}
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
@@ -123,11 +138,14 @@ def _worker(rank, init_file, out_dir):
                 if kind == "logprobs":  # one SGD step on the shards, then the next forward
                     torch.optim.SGD(model.parameters(), lr=LR).step()
                     with torch.no_grad():
-                        res[key + "/after_step"] = fsdp2_lm_head_call(model, _step(kind, nested), d["ids"], d)[0]
+                        res[key + "/after_step"] = fsdp2_lm_head_call(
+                            model, _step(kind, nested), d["ids"], d
+                        )[0]
                     if nested:  # a sharded parameter passed directly is refused with a pointer to the helper
                         try:
-                            F.linear_logprobs(torch.randn(2, H), model.lm_head.weight, d["targets"][0, :2],
-                                              backend="torch")
+                            F.linear_logprobs(
+                                torch.randn(2, H), model.lm_head.weight, d["targets"][0, :2], backend="torch"
+                            )
                         except TypeError as exc:
                             res["direct_call_error"] = str(exc)
     except Exception as exc:  # reported to the parent instead of hanging the other rank's test
@@ -140,8 +158,13 @@ def _worker(rank, init_file, out_dir):
 @pytest.fixture(scope="module")
 def ranks():
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_worker, args=(os.path.join(tmp, "rendezvous"), tmp), nprocs=WORLD, join=False,
-                                 start_method="spawn")
+        ctx = mp.start_processes(
+            _worker,
+            args=(os.path.join(tmp, "rendezvous"), tmp),
+            nprocs=WORLD,
+            join=False,
+            start_method="spawn",
+        )
         deadline = time.monotonic() + TIMEOUT_S
         while not ctx.join(timeout=5):
             if time.monotonic() > deadline:

@@ -46,18 +46,46 @@ def _backend(name):
 def _kw(case):
     return dict(LP_CASES[case]["kw"], backend=_backend(LP_CASES[case]["kw"]["backend"]))
 
+
 # name -> problem; `starts` None: rank-ordered shards [0, 20), [20, 37), else each rank's vocab_start
 LP_CASES = {
-    "torch_bias_temperature_ignored": dict(lead=(4, 6), h=16, bias=True, ignore=0.3, starts=None,
-                                           kw=dict(temperature=0.7, backend="torch")),
-    "torch_softcap_reversed_layout": dict(lead=(20,), h=24, bias=False, ignore=0.0, starts=(17, 0),
-                                          kw=dict(temperature=1.3, softcap=3.0, backend="torch")),
-    "torch_logprobs_only": dict(lead=(3, 5), h=16, bias=True, ignore=0.2, starts=None, no_entropy=True,
-                                kw=dict(backend="torch", return_entropy=False)),
-    "torch_bf16": dict(lead=(2, 7), h=32, bias=True, ignore=0.2, starts=None, dtype=torch.bfloat16,
-                       kw=dict(temperature=0.8, softcap=5.0, backend="torch")),
-    "triton_interpreter": dict(lead=(10,), h=16, bias=True, ignore=0.2, starts=None,
-                               kw=dict(temperature=0.9, softcap=4.0, backend="triton")),
+    "torch_bias_temperature_ignored": dict(
+        lead=(4, 6), h=16, bias=True, ignore=0.3, starts=None, kw=dict(temperature=0.7, backend="torch")
+    ),
+    "torch_softcap_reversed_layout": dict(
+        lead=(20,),
+        h=24,
+        bias=False,
+        ignore=0.0,
+        starts=(17, 0),
+        kw=dict(temperature=1.3, softcap=3.0, backend="torch"),
+    ),
+    "torch_logprobs_only": dict(
+        lead=(3, 5),
+        h=16,
+        bias=True,
+        ignore=0.2,
+        starts=None,
+        no_entropy=True,
+        kw=dict(backend="torch", return_entropy=False),
+    ),
+    "torch_bf16": dict(
+        lead=(2, 7),
+        h=32,
+        bias=True,
+        ignore=0.2,
+        starts=None,
+        dtype=torch.bfloat16,
+        kw=dict(temperature=0.8, softcap=5.0, backend="torch"),
+    ),
+    "triton_interpreter": dict(
+        lead=(10,),
+        h=16,
+        bias=True,
+        ignore=0.2,
+        starts=None,
+        kw=dict(temperature=0.9, softcap=4.0, backend="triton"),
+    ),
 }
 
 
@@ -71,8 +99,16 @@ def _lp_problem(case, seed=1):
     n = 1
     for d in c["lead"]:
         n *= d
-    hidden, weight, targets, bias = make_inputs(n, c["h"], V, c.get("dtype", torch.float32), seed=seed,
-                                                bias=c["bias"], ignore_frac=c["ignore"], lead=c["lead"])
+    hidden, weight, targets, bias = make_inputs(
+        n,
+        c["h"],
+        V,
+        c.get("dtype", torch.float32),
+        seed=seed,
+        bias=c["bias"],
+        ignore_frac=c["ignore"],
+        lead=c["lead"],
+    )
     g = torch.Generator().manual_seed(seed + 100)
     g_lp = torch.randn(c["lead"], generator=g)
     g_ent = None if c.get("no_entropy") else torch.randn(c["lead"], generator=g)
@@ -112,75 +148,184 @@ def _loss_problem(seed=3):
     adv = torch.randn(b, generator=g)
     rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])
     groups = torch.tensor([0, 0, 1, 1])
-    p = dict(hidden=hidden, weight=weight, bias=bias, targets=targets, mask=mask, old=old, ref=ref, adv=adv,
-             rewards=rewards, groups=groups)
+    p = dict(
+        hidden=hidden,
+        weight=weight,
+        bias=bias,
+        targets=targets,
+        mask=mask,
+        old=old,
+        ref=ref,
+        adv=adv,
+        rewards=rewards,
+        groups=groups,
+    )
     return {k: v.to(DEVICE) for k, v in p.items()}
 
 
 def _run_loss(kind, p, weight, bias, **kw):
-    leaves = [p["hidden"].clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_()]
+    leaves = [
+        p["hidden"].clone().requires_grad_(),
+        weight.clone().requires_grad_(),
+        bias.clone().requires_grad_(),
+    ]
     if kind == "grpo_module":  # the nn.Module form, same hyper-parameters as "grpo"
-        module = F.LinearGRPOLoss(beta=0.05, entropy_coef=0.01, dual_clip=3.0, eps_high=0.28,
-                                  steer=F.SteerConfig(mode="exact"), temperature=0.9, backend=_backend("torch"))
-        loss, stats = module(leaves[0], leaves[1], p["targets"], p["adv"], p["mask"], old_logprobs=p["old"],
-                             ref_logprobs=p["ref"], bias=leaves[2], **kw)
+        module = F.LinearGRPOLoss(
+            beta=0.05,
+            entropy_coef=0.01,
+            dual_clip=3.0,
+            eps_high=0.28,
+            steer=F.SteerConfig(mode="exact"),
+            temperature=0.9,
+            backend=_backend("torch"),
+        )
+        loss, stats = module(
+            leaves[0],
+            leaves[1],
+            p["targets"],
+            p["adv"],
+            p["mask"],
+            old_logprobs=p["old"],
+            ref_logprobs=p["ref"],
+            bias=leaves[2],
+            **kw,
+        )
     elif kind == "pacs_module":
         module = F.LinearPACSLoss(beta=2.0, temperature=0.9, backend=_backend("torch"))
-        loss, stats = module(leaves[0], leaves[1], p["targets"], p["rewards"], p["mask"], p["groups"],
-                             old_logprobs=p["old"], bias=leaves[2], **kw)
+        loss, stats = module(
+            leaves[0],
+            leaves[1],
+            p["targets"],
+            p["rewards"],
+            p["mask"],
+            p["groups"],
+            old_logprobs=p["old"],
+            bias=leaves[2],
+            **kw,
+        )
     elif kind == "grpo":
         loss, stats = F.linear_grpo_loss(
-            leaves[0], leaves[1], p["targets"], p["adv"], p["mask"], old_logprobs=p["old"], ref_logprobs=p["ref"],
-            beta=0.05, entropy_coef=0.01, dual_clip=3.0, eps_high=0.28, steer=F.SteerConfig(mode="exact"),
-            temperature=0.9, bias=leaves[2], backend=_backend("torch"), **kw)
+            leaves[0],
+            leaves[1],
+            p["targets"],
+            p["adv"],
+            p["mask"],
+            old_logprobs=p["old"],
+            ref_logprobs=p["ref"],
+            beta=0.05,
+            entropy_coef=0.01,
+            dual_clip=3.0,
+            eps_high=0.28,
+            steer=F.SteerConfig(mode="exact"),
+            temperature=0.9,
+            bias=leaves[2],
+            backend=_backend("torch"),
+            **kw,
+        )
     else:
         loss, stats = F.linear_pacs_loss(
-            leaves[0], leaves[1], p["targets"], p["rewards"], p["mask"], p["groups"], old_logprobs=p["old"],
-            beta=2.0, temperature=0.9, bias=leaves[2], backend=_backend("torch"), **kw)
+            leaves[0],
+            leaves[1],
+            p["targets"],
+            p["rewards"],
+            p["mask"],
+            p["groups"],
+            old_logprobs=p["old"],
+            beta=2.0,
+            temperature=0.9,
+            bias=leaves[2],
+            backend=_backend("torch"),
+            **kw,
+        )
     loss.backward()
-    out = {"loss": loss.detach(), "d_hidden": leaves[0].grad, "d_weight": leaves[1].grad, "d_bias": leaves[2].grad}
+    out = {
+        "loss": loss.detach(),
+        "d_hidden": leaves[0].grad,
+        "d_weight": leaves[1].grad,
+        "d_bias": leaves[2].grad,
+    }
     out.update({f"stat_{k}": v.detach().float() for k, v in stats._asdict().items()})
     return out
 
 
 # ---- what each rank runs -------------------------------------------------------------------------------------
 
+
 def _rank_lp(case, rank, group):
     hidden, weight, targets, bias, g_lp, g_ent = _lp_problem(case)
     start, size = _shard(rank, LP_CASES[case]["starts"])
     kw = dict(_kw(case), process_group=group, vocab_start=start)
-    return _run_lp(hidden, weight[start:start + size], targets,
-                   None if bias is None else bias[start:start + size], g_lp, g_ent, **kw)
+    return _run_lp(
+        hidden,
+        weight[start : start + size],
+        targets,
+        None if bias is None else bias[start : start + size],
+        g_lp,
+        g_ent,
+        **kw,
+    )
 
 
 def _rank_moments(rank, group):
     hidden, weight, targets, bias, _, _ = _lp_problem("torch_bias_temperature_ignored")
     start, size = _shard(rank, None)
-    return F.linear_entropy_moments(hidden, weight[start:start + size], targets, bias=bias[start:start + size],
-                                    temperature=0.7, backend=_backend("torch"), process_group=group,
-                                    vocab_start=start)
+    return F.linear_entropy_moments(
+        hidden,
+        weight[start : start + size],
+        targets,
+        bias=bias[start : start + size],
+        temperature=0.7,
+        backend=_backend("torch"),
+        process_group=group,
+        vocab_start=start,
+    )
 
 
 def _rank_partial_dh(rank, group):
     hidden, weight, targets, bias, g_lp, g_ent = _lp_problem("torch_bias_temperature_ignored")
     start, size = _shard(rank, None)
-    return _run_lp(hidden, weight[start:start + size], targets, bias[start:start + size], g_lp, g_ent,
-                   temperature=0.7, backend=_backend("torch"), process_group=group, vocab_start=start,
-                   reduce_grad_hidden=False)
+    return _run_lp(
+        hidden,
+        weight[start : start + size],
+        targets,
+        bias[start : start + size],
+        g_lp,
+        g_ent,
+        temperature=0.7,
+        backend=_backend("torch"),
+        process_group=group,
+        vocab_start=start,
+        reduce_grad_hidden=False,
+    )
 
 
 def _rank_loss(kind, rank, group):
     p = _loss_problem()
     start, size = _shard(rank, None)
-    return _run_loss(kind, p, p["weight"][start:start + size], p["bias"][start:start + size], process_group=group,
-                     vocab_start=start)
+    return _run_loss(
+        kind,
+        p,
+        p["weight"][start : start + size],
+        p["bias"][start : start + size],
+        process_group=group,
+        vocab_start=start,
+    )
 
 
-def _error_call(rank, group, *, starts=None, targets_fn=None, hidden_fn=None, weight_fn=None, temperature=1.0,
-                full_weight=False):
+def _error_call(
+    rank,
+    group,
+    *,
+    starts=None,
+    targets_fn=None,
+    hidden_fn=None,
+    weight_fn=None,
+    temperature=1.0,
+    full_weight=False,
+):
     hidden, weight, targets, bias, _, _ = _lp_problem("torch_bias_temperature_ignored")
     start, size = _shard(rank, None)
-    w = weight if full_weight else weight[start:start + size]
+    w = weight if full_weight else weight[start : start + size]
     vocab_start = 0 if full_weight else start if starts is None else starts[rank]
     if targets_fn is not None:
         targets = targets_fn(rank, targets)
@@ -188,8 +333,15 @@ def _error_call(rank, group, *, starts=None, targets_fn=None, hidden_fn=None, we
         hidden = hidden_fn(rank, hidden)
     if weight_fn is not None:
         w = weight_fn(rank, w)
-    F.linear_logprobs(hidden, w, targets, temperature=temperature, backend=_backend("torch"),
-                      process_group=group, vocab_start=vocab_start)
+    F.linear_logprobs(
+        hidden,
+        w,
+        targets,
+        temperature=temperature,
+        backend=_backend("torch"),
+        process_group=group,
+        vocab_start=vocab_start,
+    )
 
 
 def _set_target(t, value):
@@ -225,7 +377,7 @@ def _rank_verl(rank, group):
 
     hidden, weight, y, g_lp, g_ent = _verl_problem()
     shard = weight.shape[0] // WORLD
-    w = weight[rank * shard:(rank + 1) * shard]
+    w = weight[rank * shard : (rank + 1) * shard]
     h = hidden.detach().clone().requires_grad_()
     w = w.detach().clone().requires_grad_()
     lp, ent = linear_cross_entropy(h, w, y, 0.7, "none", dist_process_group=group)
@@ -240,8 +392,13 @@ def _worker(rank, init_file, out_dir, device):
     if device == "cuda":  # NCCL with a GPU per rank; else both ranks share the GPU and gloo moves the data
         torch.cuda.set_device(rank % torch.cuda.device_count())
         backend = "nccl" if torch.cuda.device_count() >= WORLD else "gloo"
-    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        backend,
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
     torch.manual_seed(0)
     group = dist.group.WORLD
     results = {}
@@ -295,8 +452,13 @@ def _to_cpu(value):
 
 def _spawn(device):
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_worker, args=(os.path.join(tmp, "rendezvous"), tmp, device), nprocs=WORLD,
-                                 join=False, start_method="spawn")
+        ctx = mp.start_processes(
+            _worker,
+            args=(os.path.join(tmp, "rendezvous"), tmp, device),
+            nprocs=WORLD,
+            join=False,
+            start_method="spawn",
+        )
         deadline = time.monotonic() + TIMEOUT_S
         while not ctx.join(timeout=5):
             if time.monotonic() > deadline:
@@ -326,7 +488,7 @@ def _compare(dist_out, single, starts, tol):
             got = torch.empty_like(ref)
             for r, out in enumerate(dist_out):
                 start, size = _shard(r, starts)
-                got[start:start + size] = out[key]
+                got[start : start + size] = out[key]
             pieces = [got]
         else:
             pieces = [out[key] for out in dist_out]
@@ -346,8 +508,16 @@ def test_vocab_parallel_equals_single_process(ranks, case):
     _compare(_ok(ranks, case), single, LP_CASES[case]["starts"], 4e-3 if bf16 else 1e-6)
     if not bf16:  # and the float64 ground truth, as for the single-process op
         kw = {k: v for k, v in LP_CASES[case]["kw"].items() if k in ("temperature", "softcap")}
-        truth = _run_lp(hidden.double(), weight.double(), targets, None if bias is None else bias.double(),
-                        g_lp, g_ent, op=reference_logprobs, **kw)
+        truth = _run_lp(
+            hidden.double(),
+            weight.double(),
+            targets,
+            None if bias is None else bias.double(),
+            g_lp,
+            g_ent,
+            op=reference_logprobs,
+            **kw,
+        )
         if g_ent is None:
             truth.pop("entropy")
         _compare(_ok(ranks, case), {k: v.float() for k, v in truth.items()}, LP_CASES[case]["starts"], 1e-5)
@@ -396,8 +566,11 @@ def _errors(ranks, name):
 ERROR_EXPECTATIONS = [  # (case, error type per rank, fragments of the messages)
     ("gap", ("ValueError",) * 2, ["do not cover rows [20, 21)", "rank 1: [21, 38)"]),
     ("overlap", ("ValueError",) * 2, ["rank 0 and rank 1 of process_group overlap"]),
-    ("no_vocab_start_on_rank_1", ("RuntimeError", "ValueError"),
-     ["failed on rank(s) [1]", "vocab_start must be an int >= 0 with process_group"]),
+    (
+        "no_vocab_start_on_rank_1",
+        ("RuntimeError", "ValueError"),
+        ["failed on rank(s) [1]", "vocab_start must be an int >= 0 with process_group"],
+    ),
     ("target_owned_by_no_rank", ("ValueError",) * 2, ["target 37 is owned by no rank", "rank 1: [20, 37)"]),
     ("negative_target", ("ValueError",) * 2, ["target -5 is owned by no rank"]),
     ("targets_differ", ("ValueError",) * 2, ["targets differ across the ranks"]),
@@ -444,6 +617,7 @@ def test_errors_without_a_process_group():
 
 # ---- GPU: the same cases with the compiled Triton kernels (2 processes on one GPU over gloo, or NCCL) ------
 
+
 @pytest.fixture(scope="module")
 def gpu_ranks():
     return _spawn("cuda")
@@ -483,4 +657,4 @@ def test_verl_tensor_parallel_call_equals_single_process(ranks):
         torch.testing.assert_close(out["logprobs"], lp.detach(), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(out["entropy"], ent.detach(), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(out["d_hidden"], h.grad, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(out["d_weight"], w.grad[r * shard:(r + 1) * shard], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out["d_weight"], w.grad[r * shard : (r + 1) * shard], rtol=1e-6, atol=1e-6)

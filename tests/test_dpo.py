@@ -80,7 +80,7 @@ def test_linear_dpo_matches_float64_reference(backend, opts):
         return ref_dpo(s[:P], s[P:], r[:P], r[P:], beta, eps)
 
     loss, grads, (_, stats) = _grads(ours, hidden, weight, b)
-    to64 = (lambda t: None if t is None else t.double())
+    to64 = lambda t: None if t is None else t.double()
     want, want_grads, _ = _grads(reference, to64(hidden), to64(weight), to64(b))
     assert loss.dtype == torch.float32
     assert abs(loss.item() - want.item()) <= 1e-6 * max(1.0, abs(want.item()))

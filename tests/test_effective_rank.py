@@ -41,7 +41,10 @@ def test_effective_rank_uses_the_last_max_tokens():
 
 def test_effective_rank_rank_one_and_isotropic():
     g = torch.Generator().manual_seed(1)
-    u, v = torch.randn(20, 1, generator=g, dtype=torch.float64), torch.randn(1, 16, generator=g, dtype=torch.float64)
+    u, v = (
+        torch.randn(20, 1, generator=g, dtype=torch.float64),
+        torch.randn(1, 16, generator=g, dtype=torch.float64),
+    )
     offset = torch.randn(1, 16, generator=g, dtype=torch.float64)
     assert effective_rank(u * v + offset, dtype=torch.float64) == pytest.approx(1.0, abs=1e-9)
     # rows +-3 e_i: centred already, four equal singular values
@@ -50,8 +53,9 @@ def test_effective_rank_rank_one_and_isotropic():
     assert effective_rank(iso, dtype=torch.float64) == pytest.approx(4.0, abs=1e-12)
     # the same spread embedded in 10 dims and rotated: still 4
     q, _ = torch.linalg.qr(torch.randn(10, 10, generator=g, dtype=torch.float64))
-    assert effective_rank(torch.cat([iso, torch.zeros(8, 6, dtype=torch.float64)], 1) @ q,
-                          dtype=torch.float64) == pytest.approx(4.0, abs=1e-9)
+    assert effective_rank(
+        torch.cat([iso, torch.zeros(8, 6, dtype=torch.float64)], 1) @ q, dtype=torch.float64
+    ) == pytest.approx(4.0, abs=1e-9)
     # singular values (2, 1): p = (2/3, 1/3)
     two = torch.tensor([[2.0, 0.0], [-2.0, 0.0], [0.0, 1.0], [0.0, -1.0]], dtype=torch.float64)
     want = math.exp(-(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3)))
@@ -110,7 +114,8 @@ def test_erv_era_token_thresholds(monkeypatch):
     assert erv_era(torch.zeros(121, 2)) == (121.0, 50.0, 20.0)
     # stride / min_tokens are parameters
     assert erv_era(torch.zeros(9, 2), stride=2, min_tokens=4) == pytest.approx(
-        (9.0, np.mean([5 - 3, 7 - 4, 9 - 5]), np.mean([1, 1])))
+        (9.0, np.mean([5 - 3, 7 - 4, 9 - 5]), np.mean([1, 1]))
+    )
 
 
 def test_erv_era_on_real_states_matches_the_formula():
@@ -144,9 +149,9 @@ def _sig(x):
 def test_shaper_ema_schedule_hand_computed():
     sh = EffectiveRankShaper(schedule="ema")
     adv = torch.tensor([1.0, -0.5, 0.2])
-    er = torch.tensor([2.0, 4.0, 3.0])      # mean 3
-    erv = torch.tensor([0.5, -0.5, 0.3])    # mean 0.1
-    era = torch.tensor([0.5, 1.5, 1.0])     # mean 1
+    er = torch.tensor([2.0, 4.0, 3.0])  # mean 3
+    erv = torch.tensor([0.5, -0.5, 0.3])  # mean 0.1
+    era = torch.tensor([0.5, 1.5, 1.0])  # mean 1
     out, stats = sh(adv, er, erv, era)
     # first call: mu initialised to the batch means (3, 0.1, 1), then d against it
     d_er = [-1 / 3, 1 / 3, 0.0]
@@ -164,7 +169,11 @@ def test_shaper_ema_schedule_hand_computed():
     assert sh.mu == pytest.approx([3.0, 0.1, 1.0])  # 0.7 mu + 0.3 mean with mu = mean
 
     # second call compares against mu before its update, then folds its own means in
-    er2, erv2, era2 = torch.tensor([6.0, 0.0, 3.0]), torch.tensor([0.1, 0.1, 0.1]), torch.tensor([1.0, 3.0, 2.0])
+    er2, erv2, era2 = (
+        torch.tensor([6.0, 0.0, 3.0]),
+        torch.tensor([0.1, 0.1, 0.1]),
+        torch.tensor([1.0, 3.0, 2.0]),
+    )
     out2, stats2 = sh(adv, er2, erv2, era2)
     np.testing.assert_allclose(stats2.d_er.numpy(), [1.0, -1.0, 0.0], atol=1e-6)
     np.testing.assert_allclose(stats2.d_era.numpy(), [0.0, 2.0, 1.0], atol=1e-6)
@@ -207,8 +216,15 @@ def test_shaper_per_token_advantages_cap_elementwise():
 
 def test_shaper_state_round_trip():
     g = torch.Generator().manual_seed(3)
-    batches = [(torch.randn(4, generator=g), torch.rand(4, generator=g) * 5, torch.randn(4, generator=g),
-                torch.randn(4, generator=g)) for _ in range(4)]
+    batches = [
+        (
+            torch.randn(4, generator=g),
+            torch.rand(4, generator=g) * 5,
+            torch.randn(4, generator=g),
+            torch.randn(4, generator=g),
+        )
+        for _ in range(4)
+    ]
     for schedule in ("authors", "ema"):
         a = EffectiveRankShaper(schedule=schedule, momentum=0.6, gain=1.5)
         for batch in batches[:2]:

@@ -33,8 +33,16 @@ def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("evalrun") / "run"
     cfg = make_config(
         "tiny",
-        {"out_dir": str(out), "steps": 1, "n_eval": 4, "prompts_per_step": 2, "group_size": 4,
-         "max_new_tokens": 5, "train_layers": 1, "lr": 1e-2},
+        {
+            "out_dir": str(out),
+            "steps": 1,
+            "n_eval": 4,
+            "prompts_per_step": 2,
+            "group_size": 4,
+            "max_new_tokens": 5,
+            "train_layers": 1,
+            "lr": 1e-2,
+        },
     )
     torch.manual_seed(0)
     tr = Trainer(cfg, hooks=[DigitReward()])
@@ -89,8 +97,24 @@ def test_eval_cli_tables_with_forced_correctness(run_dir, tmp_path, monkeypatch)
     answers += ["7"] * 4 + ["5", "5", "5", "5"] + [None] * 4
     monkeypatch.setattr(ev, "Verifier", _scripted_verifier(outcomes, answers))
     out = tmp_path / "eval"
-    rc = cli.main(["eval", "--run", path, "--n", "4", "--n-problems", "3", "--ks", "1,2,4", "--greedy",
-                   "--out-dir", str(out), "--device", "cpu"])
+    rc = cli.main(
+        [
+            "eval",
+            "--run",
+            path,
+            "--n",
+            "4",
+            "--n-problems",
+            "3",
+            "--ks",
+            "1,2,4",
+            "--greedy",
+            "--out-dir",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     rows = _csv(out / "per_problem.csv")
     assert [r["peso"] for r in rows] == ["P", "E", "O"]
@@ -105,7 +129,10 @@ def test_eval_cli_tables_with_forced_correctness(run_dir, tmp_path, monkeypatch)
     assert float(rows[1]["base_answer_entropy"]) == pytest.approx(math.log(4), abs=1e-5)
     assert float(rows[1]["trained_answer_entropy"]) == 0.0
     assert [r["base_greedy"] for r in rows] == ["1", "0", "0"] and [r["trained_greedy"] for r in rows] == [
-        "1", "1", "0"]
+        "1",
+        "1",
+        "0",
+    ]
     for r in rows:
         for k in ("base_token_entropy", "trained_token_entropy"):
             assert 0 < float(r[k]) < math.log(80)
@@ -114,7 +141,9 @@ def test_eval_cli_tables_with_forced_correctness(run_dir, tmp_path, monkeypatch)
     assert s["SRR"] == 1.0 and s["NDR"] == 0.5 and s["SDS"] == pytest.approx(2 / 3) and s["NSCR"] == 0.5
     assert s["base_avg@n"] == pytest.approx(2 / 12) and s["trained_avg@n"] == pytest.approx(5 / 12)
     assert s["base_pass@4"] == pytest.approx(1 / 3) and s["trained_pass@4"] == pytest.approx(2 / 3)
-    assert s["base_greedy_accuracy"] == pytest.approx(1 / 3) and s["trained_greedy_accuracy"] == pytest.approx(2 / 3)
+    assert s["base_greedy_accuracy"] == pytest.approx(1 / 3) and s[
+        "trained_greedy_accuracy"
+    ] == pytest.approx(2 / 3)
     assert s["n"] == 4 and s["trained_checkpoint"].endswith("step_000001")
     summary_csv = {r["metric"]: r["value"] for r in _csv(out / "summary.csv")}
     assert summary_csv["NDR"] == "0.5" and summary_csv["P"] == "1"
@@ -130,8 +159,17 @@ def test_eval_cli_tables_with_forced_correctness(run_dir, tmp_path, monkeypatch)
 def test_token_entropy_is_the_fused_entropy_of_the_sampled_responses():
     model, tok = tiny_random_model(0)
     problems = [Problem("a", "What is 3 + 4?", "7"), Problem("b", "What is 6 * 8?", "48")]
-    s = ev.sample_model(model, tok, problems, n=3, temperature=0.7, max_new_tokens=6,
-                        prompt_suffix=" Answer:", seed=1, micro_batch=2)
+    s = ev.sample_model(
+        model,
+        tok,
+        problems,
+        n=3,
+        temperature=0.7,
+        max_new_tokens=6,
+        prompt_suffix=" Answer:",
+        seed=1,
+        micro_batch=2,
+    )
     prompt = tok("Question: What is 3 + 4? Answer:\nAnswer:", add_special_tokens=False)["input_ids"]
     ents = []
     for resp in s.response_ids[0]:
@@ -144,17 +182,33 @@ def test_token_entropy_is_the_fused_entropy_of_the_sampled_responses():
     assert s.token_entropy[0] == pytest.approx(want, rel=1e-5)
     assert len(s.texts) == 2 and all(len(t) == 3 for t in s.texts)
     # the same seed gives the same samples (both models of a comparison see one random stream)
-    again = ev.sample_model(model, tok, problems, n=3, temperature=0.7, max_new_tokens=6,
-                            prompt_suffix=" Answer:", seed=1)
+    again = ev.sample_model(
+        model, tok, problems, n=3, temperature=0.7, max_new_tokens=6, prompt_suffix=" Answer:", seed=1
+    )
     assert again.response_ids == s.response_ids
 
 
 def test_eval_single_model_and_argument_errors(tmp_path):
     out = tmp_path / "single"
-    args = ev.build_parser().parse_args(["--base", "tiny-random", "--n", "2", "--n-problems", "2",
-                                         "--max-new-tokens", "4", "--out-dir", str(out), "--no-plot"])
+    args = ev.build_parser().parse_args(
+        [
+            "--base",
+            "tiny-random",
+            "--n",
+            "2",
+            "--n-problems",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--out-dir",
+            str(out),
+            "--no-plot",
+        ]
+    )
     s = ev.run(args)
-    assert s["problems"] == 2 and 0 <= s["avg@n"] <= 1 and set(s) >= {"pass@1", "pass@2", "token_entropy_mean"}
+    assert (
+        s["problems"] == 2 and 0 <= s["avg@n"] <= 1 and set(s) >= {"pass@1", "pass@2", "token_entropy_mean"}
+    )
     rows = _csv(out / "per_problem.csv")
     assert len(rows) == 2 and "answer_entropy" in rows[0] and not (out / "pass_at_k.png").exists()
     with pytest.raises(ValueError, match=r"--ks must lie in \[1, --n = 2\]"):

@@ -64,16 +64,19 @@ def test_pass_at_k_vectorised_and_exact_for_large_n():
     assert isinstance(pass_at_k(5, 2, 2), float)
 
 
-@pytest.mark.parametrize("args, exc, words", [
-    ((4, 2, 5), ValueError, "k must be <= n"),
-    ((4, 5, 2), ValueError, "c must be <= n"),
-    ((4, -1, 2), ValueError, "c must be >= 0"),
-    ((-4, 0, 2), ValueError, "n must be >= 0"),
-    ((4, 2, 0), ValueError, "k must be an int >= 1"),
-    ((4, 2, 1.5), TypeError, "k must be an int"),
-    ((4, 2.5, 1), ValueError, "c must hold whole numbers"),
-    ((4, [True], 1), TypeError, "c must hold integers"),
-])
+@pytest.mark.parametrize(
+    "args, exc, words",
+    [
+        ((4, 2, 5), ValueError, "k must be <= n"),
+        ((4, 5, 2), ValueError, "c must be <= n"),
+        ((4, -1, 2), ValueError, "c must be >= 0"),
+        ((-4, 0, 2), ValueError, "n must be >= 0"),
+        ((4, 2, 0), ValueError, "k must be an int >= 1"),
+        ((4, 2, 1.5), TypeError, "k must be an int"),
+        ((4, 2.5, 1), ValueError, "c must hold whole numbers"),
+        ((4, [True], 1), TypeError, "c must hold integers"),
+    ],
+)
 def test_pass_at_k_errors_name_the_argument(args, exc, words):
     with pytest.raises(exc, match=words):
         pass_at_k(*args)
@@ -102,7 +105,9 @@ def test_answer_entropy_hand_computed():
     ans = ["a", None, "a", None]
     assert answer_entropy(ans) == pytest.approx(math.log(2))
     assert answer_entropy(ans, none="drop") == 0.0
-    assert answer_entropy(ans, none="distinct") == pytest.approx(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)))
+    assert answer_entropy(ans, none="distinct") == pytest.approx(
+        -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
+    )
     assert answer_entropy([None, None]) == 0.0
     assert answer_entropy([None, None], none="distinct") == pytest.approx(math.log(2))
     assert answer_entropy([]) == 0.0
@@ -170,18 +175,34 @@ def test_leash_metrics_zero_denominators_are_nan():
 
 def _report():
     ids = ["p0", "p1", "p|2"]
-    return leash_report(ids, [0, 2, 4], [1, 4, 0], n_base=4, ks=[1, 2],
-                        base_answers=[["1", "2", None, None], ["3", "3", "4", "4"], ["5"] * 4],
-                        trained_answers=[["1"] * 4, ["3"] * 4, [None] * 4])
+    return leash_report(
+        ids,
+        [0, 2, 4],
+        [1, 4, 0],
+        n_base=4,
+        ks=[1, 2],
+        base_answers=[["1", "2", None, None], ["3", "3", "4", "4"], ["5"] * 4],
+        trained_answers=[["1"] * 4, ["3"] * 4, [None] * 4],
+    )
 
 
 def test_leash_report_rows_and_summary():
     rows, summary, curves = _report()
-    assert rows[0] == {"problem": "p0", "base_correct": 0, "base_n": 4, "trained_correct": 1, "trained_n": 4,
-                       "base_pass@1": 0.0, "base_pass@2": 0.0, "trained_pass@1": 0.25, "trained_pass@2": 0.5,
-                       # answers 1, 2, None, None: p = (1/4, 1/4, 2/4) with the None bucket
-                       "base_answer_entropy": pytest.approx(-(2 * 0.25 * math.log(0.25) + 0.5 * math.log(0.5))),
-                       "trained_answer_entropy": 0.0, "peso": "E"}
+    assert rows[0] == {
+        "problem": "p0",
+        "base_correct": 0,
+        "base_n": 4,
+        "trained_correct": 1,
+        "trained_n": 4,
+        "base_pass@1": 0.0,
+        "base_pass@2": 0.0,
+        "trained_pass@1": 0.25,
+        "trained_pass@2": 0.5,
+        # answers 1, 2, None, None: p = (1/4, 1/4, 2/4) with the None bucket
+        "base_answer_entropy": pytest.approx(-(2 * 0.25 * math.log(0.25) + 0.5 * math.log(0.5))),
+        "trained_answer_entropy": 0.0,
+        "peso": "E",
+    }
     assert [r["peso"] for r in rows] == ["E", "P", "S"]
     assert rows[1]["base_pass@2"] == pytest.approx(1 - 1 / 6)
     assert summary["P"] == 1 and summary["E"] == 1 and summary["S"] == 1 and summary["O"] == 0
@@ -198,8 +219,10 @@ def test_csv_and_markdown_content():
     rows, summary, _ = _report()
     text = rows_to_csv(rows)
     lines = text.splitlines()
-    assert lines[0] == ("problem,base_correct,base_n,trained_correct,trained_n,base_pass@1,base_pass@2,"
-                        "trained_pass@1,trained_pass@2,base_answer_entropy,trained_answer_entropy,peso")
+    assert lines[0] == (
+        "problem,base_correct,base_n,trained_correct,trained_n,base_pass@1,base_pass@2,"
+        "trained_pass@1,trained_pass@2,base_answer_entropy,trained_answer_entropy,peso"
+    )
     assert lines[2] == "p1,2,4,4,4,0.5,0.833333,1,1,0.693147,0,P"
     parsed = list(csv.DictReader(io.StringIO(text)))
     assert parsed[2]["problem"] == "p|2" and parsed[2]["peso"] == "S"
@@ -213,8 +236,9 @@ def test_csv_and_markdown_content():
 
     srows = summary_rows({"P": 3, "SRR": 0.75, "NDR": float("nan")})
     assert rows_to_csv(srows) == "metric,value\nP,3\nSRR,0.75\nNDR,nan\n"
-    assert rows_to_markdown(srows) == ("| metric | value |\n| --- | --- |\n| P | 3 |\n| SRR | 0.75 |\n"
-                                       "| NDR | nan |\n")
+    assert rows_to_markdown(srows) == (
+        "| metric | value |\n| --- | --- |\n| P | 3 |\n| SRR | 0.75 |\n| NDR | nan |\n"
+    )
     with pytest.raises(ValueError, match="rows must not be empty"):
         rows_to_csv([])
     with pytest.raises(ValueError, match=r"rows\[1\] has columns"):
@@ -233,8 +257,11 @@ def test_write_report_files(tmp_path):
 
 def test_plot_pass_at_k_png(tmp_path):
     pytest.importorskip("matplotlib")
-    path = plot_pass_at_k({"base": {1: 0.2, 2: 0.3, 4: 0.4}, "trained": {1: 0.3, 2: 0.35, 4: 0.38}},
-                          str(tmp_path / "curve.png"), title="t")
+    path = plot_pass_at_k(
+        {"base": {1: 0.2, 2: 0.3, 4: 0.4}, "trained": {1: 0.3, 2: 0.35, 4: 0.38}},
+        str(tmp_path / "curve.png"),
+        title="t",
+    )
     data = open(path, "rb").read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     paths = write_report(_report(), str(tmp_path / "r"))

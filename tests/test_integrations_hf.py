@@ -19,8 +19,14 @@ from fused_rlvr.integrations.hf import (  # noqa: E402
 )
 
 V = 101  # not a multiple of any tile
-SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2)
+SMALL = dict(
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 
 
 def _model(arch):
@@ -32,11 +38,17 @@ def _model(arch):
     if arch == "gemma2-softcap":  # tied, final_logit_softcapping, embedding normaliser on the inputs
         return t.Gemma2ForCausalLM(t.Gemma2Config(**SMALL, head_dim=8, final_logit_softcapping=2.0))
     if arch == "gpt2":  # tied, base model under .transformer, final LayerNorm ln_f
-        return t.GPT2LMHeadModel(t.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                              bos_token_id=0, eos_token_id=0))
+        return t.GPT2LMHeadModel(
+            t.GPT2Config(
+                vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+            )
+        )
     if arch == "phi-bias":  # lm_head with a bias
-        return t.PhiForCausalLM(t.PhiConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
-                                            num_hidden_layers=2, num_attention_heads=4))
+        return t.PhiForCausalLM(
+            t.PhiConfig(
+                vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+            )
+        )
     raise AssertionError(arch)
 
 
@@ -100,7 +112,10 @@ def test_lm_head_reads_bias_softcap_and_tied_weight():
     phi = lm_head(_model("phi-bias"))
     assert phi.bias is not None and phi.bias.shape == (V,) and phi.softcap is None
     llama = _model("llama")
-    assert lm_head(llama).weight is llama.lm_head.weight and lm_head(llama).weight is not llama.model.embed_tokens.weight
+    assert (
+        lm_head(llama).weight is llama.lm_head.weight
+        and lm_head(llama).weight is not llama.model.embed_tokens.weight
+    )
 
 
 def test_last_hidden_states_are_what_the_head_sees():
@@ -118,7 +133,9 @@ def test_last_hidden_states_are_what_the_head_sees():
 def test_no_logits_are_computed():
     """The lm-head module is never called: the fused op reads its weight only."""
     model = _model("llama").float()
-    model.lm_head.register_forward_hook(lambda *a: (_ for _ in ()).throw(AssertionError("lm_head was called")))
+    model.lm_head.register_forward_hook(
+        lambda *a: (_ for _ in ()).throw(AssertionError("lm_head was called"))
+    )
     ids, attn, resp = _batch()
     lp, _ = sequence_token_stats(model, ids, attn, resp)
     lp.sum().backward()
@@ -210,5 +227,7 @@ def test_error_with_non_linear_head():
 
 def test_error_with_logit_scale():
     cfg = transformers.CohereConfig(**SMALL, logit_scale=0.0625)
-    with pytest.raises(NotImplementedError, match="CohereForCausalLM rescales its logits by config.logit_scale"):
+    with pytest.raises(
+        NotImplementedError, match="CohereForCausalLM rescales its logits by config.logit_scale"
+    ):
         lm_head(transformers.CohereForCausalLM(cfg))

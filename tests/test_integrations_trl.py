@@ -38,7 +38,9 @@ def _tokenizer():
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
     tk.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
 
 
 def _reward(completions, **kwargs):
@@ -49,22 +51,50 @@ def _reward(completions, **kwargs):
 def model_dir(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("tiny-qwen2"))
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=V, hidden_size=H, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, eos_token_id=1,
-                      bos_token_id=1, tie_word_embeddings=False)
+    cfg = Qwen2Config(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+        tie_word_embeddings=False,
+    )
     Qwen2ForCausalLM(cfg).save_pretrained(folder)
     _tokenizer().save_pretrained(folder)
     return folder
 
 
 def _trainer(cls, model_dir, tmp_dir, **config):
-    cfg = dict(output_dir=tmp_dir, per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
-               max_steps=1, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, beta=0.04,
-               num_iterations=2, loss_type="dapo", seed=0, bf16=False, disable_tqdm=True)
+    cfg = dict(
+        output_dir=tmp_dir,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        beta=0.04,
+        num_iterations=2,
+        loss_type="dapo",
+        seed=0,
+        bf16=False,
+        disable_tqdm=True,
+    )
     cfg.update(config)
     ds = Dataset.from_dict({"prompt": ["1+2=", "3+4=", "ab?", "cd?"]})
-    trainer = cls(model=model_dir, reward_funcs=_reward, args=GRPOConfig(**cfg), train_dataset=ds,
-                  processing_class=_tokenizer())
+    trainer = cls(
+        model=model_dir,
+        reward_funcs=_reward,
+        args=GRPOConfig(**cfg),
+        train_dataset=ds,
+        processing_class=_tokenizer(),
+    )
     trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps  # set by train()
     return trainer
 
@@ -142,45 +172,94 @@ def test_loss_and_grads_match_trl(pair, monkeypatch, loss_type, beta, bias_corre
     runs TRL's loss code on the fused log-probs."""
     stock, ours, inputs, _ = pair
     eps_high = 0.28 if loss_type == "dapo" else 0.2
-    _compare(stock, ours, _perturbed(inputs), monkeypatch, expect_fused=not bias_correction_kl,
-             bias_correction_kl=bias_correction_kl, loss_type=loss_type, beta=beta, epsilon_high=eps_high,
-             current_gradient_accumulation_steps=2)
+    _compare(
+        stock,
+        ours,
+        _perturbed(inputs),
+        monkeypatch,
+        expect_fused=not bias_correction_kl,
+        bias_correction_kl=bias_correction_kl,
+        loss_type=loss_type,
+        beta=beta,
+        epsilon_high=eps_high,
+        current_gradient_accumulation_steps=2,
+    )
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
 def test_sequence_level_importance_sampling_matches_trl(pair, monkeypatch, loss_type):
     stock, ours, inputs, _ = pair
     x = _perturbed(inputs, seed=1)
-    x["old_per_token_logps"] = inputs["old_per_token_logps"] + 0.05 * torch.randn_like(x["old_per_token_logps"])
-    _compare(stock, ours, x, monkeypatch, loss_type=loss_type, importance_sampling_level="sequence",
-             epsilon_low=3e-3, epsilon_high=4e-3)
+    x["old_per_token_logps"] = inputs["old_per_token_logps"] + 0.05 * torch.randn_like(
+        x["old_per_token_logps"]
+    )
+    _compare(
+        stock,
+        ours,
+        x,
+        monkeypatch,
+        loss_type=loss_type,
+        importance_sampling_level="sequence",
+        epsilon_low=3e-3,
+        epsilon_high=4e-3,
+    )
 
 
 def test_entropy_bonus_on_the_fused_path_matches_trl(pair, monkeypatch):
     stock, ours, inputs, _ = pair
-    _compare(stock, ours, _perturbed(inputs, seed=2), monkeypatch, loss_type="dapo", entropy_coef=0.05,
-             _entropy_bonus_enabled=True, current_gradient_accumulation_steps=2)
+    _compare(
+        stock,
+        ours,
+        _perturbed(inputs, seed=2),
+        monkeypatch,
+        loss_type="dapo",
+        entropy_coef=0.05,
+        _entropy_bonus_enabled=True,
+        current_gradient_accumulation_steps=2,
+    )
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
 def test_entropy_mask_and_bonus_match_trl(pair, monkeypatch, loss_type):
     """top_entropy_quantile and entropy_coef run TRL's loss code on our fused log-probs and entropies."""
     stock, ours, inputs, _ = pair
-    _compare(stock, ours, _perturbed(inputs, seed=3), monkeypatch, expect_fused=False, loss_type=loss_type,
-             top_entropy_quantile=0.5, entropy_coef=0.05, _entropy_bonus_enabled=True)
+    _compare(
+        stock,
+        ours,
+        _perturbed(inputs, seed=3),
+        monkeypatch,
+        expect_fused=False,
+        loss_type=loss_type,
+        top_entropy_quantile=0.5,
+        entropy_coef=0.05,
+        _entropy_bonus_enabled=True,
+    )
 
 
 @pytest.mark.parametrize("loss_type", ["cispo", "sapo"])
 def test_other_loss_types_use_trl_code_on_fused_logprobs(pair, monkeypatch, loss_type):
     stock, ours, inputs, _ = pair
-    _compare(stock, ours, _perturbed(inputs, seed=4), monkeypatch, expect_fused=False, loss_type=loss_type,
-             epsilon_high=5.0 if loss_type == "cispo" else 0.2)
+    _compare(
+        stock,
+        ours,
+        _perturbed(inputs, seed=4),
+        monkeypatch,
+        expect_fused=False,
+        loss_type=loss_type,
+        epsilon_high=5.0 if loss_type == "cispo" else 0.2,
+    )
 
 
 def test_one_training_step_matches_trl(model_dir, tmp_path):
     """A full GRPOTrainer.train() step (SGD), temperature 0.7, beta 0.04, grpo: same loss, metrics, update."""
-    cfg = dict(temperature=0.7, loss_type="grpo", optim="sgd", learning_rate=1.0, num_iterations=1,
-               use_bias_correction_kl=False)
+    cfg = dict(
+        temperature=0.7,
+        loss_type="grpo",
+        optim="sgd",
+        learning_rate=1.0,
+        num_iterations=1,
+        use_bias_correction_kl=False,
+    )
     runs = []
     for cls in (GRPOTrainer, FusedGRPOTrainer):
         trainer = _trainer(cls, model_dir, str(tmp_path), **cfg)
@@ -232,7 +311,10 @@ def test_no_logits_are_materialised(pair, monkeypatch):
 
     hook = ours.model.lm_head.register_forward_hook(_no_lm_head_call)
     try:
-        for kwargs in (dict(), dict(top_entropy_quantile=0.5)):  # the fused loss and TRL's code on fused stats
+        for kwargs in (
+            dict(),
+            dict(top_entropy_quantile=0.5),
+        ):  # the fused loss and TRL's code on fused stats
             with monkeypatch.context() as m:
                 for key, value in kwargs.items():
                     m.setattr(ours, key, value)
@@ -240,10 +322,12 @@ def test_no_logits_are_materialised(pair, monkeypatch):
                     ours.compute_loss(ours.model, x).backward()
                 assert 0 < guard.largest <= limit
         with VocabGuard(V, limit), torch.no_grad():  # old / reference log-probs
-            lp, ent, _ = ours._get_per_token_logps_and_entropies(ours.model, input_ids, attention_mask,
-                                                                 x["completion_ids"].size(1), compute_entropy=True)
-            ref_lp, _, _ = ours._get_per_token_logps_and_entropies(ours.ref_model, input_ids, attention_mask,
-                                                                   x["completion_ids"].size(1))
+            lp, ent, _ = ours._get_per_token_logps_and_entropies(
+                ours.model, input_ids, attention_mask, x["completion_ids"].size(1), compute_entropy=True
+            )
+            ref_lp, _, _ = ours._get_per_token_logps_and_entropies(
+                ours.ref_model, input_ids, attention_mask, x["completion_ids"].size(1)
+            )
     finally:
         hook.remove()
     assert lp.shape == ent.shape == ref_lp.shape == x["completion_ids"].shape
@@ -276,4 +360,3 @@ def test_add_fused_lm_head_contract(model_dir):
         assert rel_err(getattr(b, key), getattr(a, key)) < 1e-6, key
     assert torch.equal(a.label_mask, b.label_mask)
     torch.testing.assert_close(mine(input_ids=ids).logits, theirs(input_ids=ids).logits)
-

@@ -40,9 +40,12 @@ def test_matches_verl_reference(backend, shape, h, v, temperature):
     """[B, T, H] and verl's packed [1, N, H]; H not a multiple of 128 (verl's kernel needs it), odd V."""
     hidden, weight, labels = _inputs(shape, h, v)
     g_lp, g_ent = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
-    ours = _run(linear_logprobs_entropy, hidden, weight, labels, g_lp, g_ent, temperature=temperature,
-                backend=backend)
-    ref = _run(_verl_reference, hidden.double(), weight.double(), labels, g_lp, g_ent, temperature=temperature)
+    ours = _run(
+        linear_logprobs_entropy, hidden, weight, labels, g_lp, g_ent, temperature=temperature, backend=backend
+    )
+    ref = _run(
+        _verl_reference, hidden.double(), weight.double(), labels, g_lp, g_ent, temperature=temperature
+    )
     assert ours[0].shape == ours[1].shape == labels.shape and ours[0].dtype == torch.float32
     for name, o, r in zip(("log_probs", "entropy", "d_hidden", "d_weight"), ours, ref):
         assert rel_err(o, r) < 1e-5, name

@@ -34,7 +34,9 @@ CASES = [
     dict(loss_type="dapo", beta=0.1),
     dict(loss_type="dr_grpo", beta=0.0),
     dict(loss_type="dr_grpo", beta=0.04),
-    dict(loss_type="grpo", beta=0.0, importance_sampling_level="sequence", epsilon_low=3e-4, epsilon_high=4e-4),
+    dict(
+        loss_type="grpo", beta=0.0, importance_sampling_level="sequence", epsilon_low=3e-4, epsilon_high=4e-4
+    ),
     dict(loss_type="dapo", beta=0.04, importance_sampling_level="sequence"),
     dict(loss_type="dapo", beta=0.0, temperature=0.7),
 ]
@@ -51,22 +53,44 @@ def test_grpo_equals_liger(backend, case):
     temperature = case.get("temperature", 1.0)
 
     peer = liger.LigerFusedLinearGRPOLoss(
-        beta=beta, compiled=False, use_ref_model=beta > 0, chunk_size=2, epsilon_low=eps_low,
-        epsilon_high=eps_high, loss_type=case["loss_type"], max_completion_length=T,
-        importance_sampling_level=level, temperature=temperature,
+        beta=beta,
+        compiled=False,
+        use_ref_model=beta > 0,
+        chunk_size=2,
+        epsilon_low=eps_low,
+        epsilon_high=eps_high,
+        loss_type=case["loss_type"],
+        max_completion_length=T,
+        importance_sampling_level=level,
+        temperature=temperature,
     )
     h1 = hidden.clone().requires_grad_()
     w1 = weight.clone().requires_grad_()
-    out = peer(h1, w1, targets, mask, adv, ref_per_token_logps=ref if beta > 0 else None, old_per_token_logps=old)
+    out = peer(
+        h1, w1, targets, mask, adv, ref_per_token_logps=ref if beta > 0 else None, old_per_token_logps=old
+    )
     peer_loss = out[0] if isinstance(out, tuple) else out
     peer_loss.backward()
 
     h2 = hidden.clone().requires_grad_()
     w2 = weight.clone().requires_grad_()
     ours, _ = F.linear_grpo_loss(
-        h2, w2, targets, adv, mask, old_logprobs=old, ref_logprobs=ref if beta > 0 else None, beta=beta,
-        kl="k3", eps_low=eps_low, eps_high=eps_high, importance=level, agg=case["loss_type"], max_len=T,
-        temperature=temperature, backend=backend,
+        h2,
+        w2,
+        targets,
+        adv,
+        mask,
+        old_logprobs=old,
+        ref_logprobs=ref if beta > 0 else None,
+        beta=beta,
+        kl="k3",
+        eps_low=eps_low,
+        eps_high=eps_high,
+        importance=level,
+        agg=case["loss_type"],
+        max_len=T,
+        temperature=temperature,
+        backend=backend,
     )
     ours.backward()
     assert abs(ours.item() - peer_loss.item()) <= 1e-5 * max(1.0, abs(peer_loss.item()))

@@ -64,7 +64,9 @@ GRPO_OPTIONS = [
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("opts", GRPO_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "plain")
+@pytest.mark.parametrize(
+    "opts", GRPO_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "plain"
+)
 def test_grpo_matches_float64_reference(backend, opts):
     opts = dict(opts)
     no_old = opts.pop("no_old", False)
@@ -77,17 +79,35 @@ def test_grpo_matches_float64_reference(backend, opts):
     ref_in = ref if opts.get("beta", 0) > 0 else None
 
     def ours(h, w, bb=None):
-        return F.linear_grpo_loss(h, w, targets, adv, mask, old_logprobs=old_in, ref_logprobs=ref_in,
-                                  bias=bb, backend=backend, **lp_kw, **opts)
+        return F.linear_grpo_loss(
+            h,
+            w,
+            targets,
+            adv,
+            mask,
+            old_logprobs=old_in,
+            ref_logprobs=ref_in,
+            bias=bb,
+            backend=backend,
+            **lp_kw,
+            **opts,
+        )
 
     def reference(h, w, bb=None):
         lp, ent = ref_token_stats(h, w, targets, mask, bias=bb, **lp_kw)
-        loss = ref_grpo_loss(lp, ent, adv.double(), mask, None if no_old else old.double(),
-                             None if ref_in is None else ref.double(), **opts)
+        loss = ref_grpo_loss(
+            lp,
+            ent,
+            adv.double(),
+            mask,
+            None if no_old else old.double(),
+            None if ref_in is None else ref.double(),
+            **opts,
+        )
         return loss, None
 
     loss, grads, stats = _grads(ours, hidden, weight, b)
-    to64 = (lambda t: None if t is None else t.double())
+    to64 = lambda t: None if t is None else t.double()
     ref_loss, ref_grads, _ = _grads(reference, to64(hidden), to64(weight), to64(b))
     assert abs(loss.item() - ref_loss.item()) <= 1e-5 * max(1.0, abs(ref_loss.item()))
     for got, want in zip(grads, ref_grads):
@@ -101,8 +121,18 @@ def test_grpo_matches_float64_reference(backend, opts):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grpo_stats_values(backend):
     hidden, weight, targets, mask, adv, old, ref, _ = _batch(2)
-    loss, st = F.linear_grpo_loss(hidden, weight, targets, adv, mask, old_logprobs=old, ref_logprobs=ref,
-                                  beta=0.1, dual_clip=3.0, backend=backend)
+    loss, st = F.linear_grpo_loss(
+        hidden,
+        weight,
+        targets,
+        adv,
+        mask,
+        old_logprobs=old,
+        ref_logprobs=ref,
+        beta=0.1,
+        dual_clip=3.0,
+        backend=backend,
+    )
     lp, ent = ref_token_stats(hidden.double(), weight.double(), targets, mask)
     m = mask.bool()
     r = torch.exp(lp - old.double())
@@ -123,7 +153,9 @@ def test_micro_batches_sum_to_the_full_batch(backend, agg):
     """Gradient accumulation: the whole-batch normaliser makes micro-batch losses add up exactly."""
     hidden, weight, targets, mask, adv, old, ref, _ = _batch(3)
     kw = dict(old_logprobs=old, ref_logprobs=ref, beta=0.05, agg=agg, max_len=T, backend=backend)
-    full_loss, full_grads, _ = _grads(lambda h, w: F.linear_grpo_loss(h, w, targets, adv, mask, **kw), hidden, weight)
+    full_loss, full_grads, _ = _grads(
+        lambda h, w: F.linear_grpo_loss(h, w, targets, adv, mask, **kw), hidden, weight
+    )
     if agg in ("token-mean", "bnpo", "dapo"):
         norm = float(mask.sum())
     elif agg in ("seq-mean-token-sum-norm",):
@@ -162,7 +194,9 @@ def test_steer_weights_hand_computed():
     lin = F.steer_weights(lp, old, old_ent, adv, mask, mode="linear")
     torch.testing.assert_close(lin, torch.tensor([[0.8, 1.0]]))
     # all |Omega| equal -> 1.0 midpoint; padded tokens -> 0; tiny |Omega| -> floor of 0.02 on the max
-    same = F.steer_weights(lp[:, :1].repeat(1, 2), old, old_ent, adv, torch.tensor([[1.0, 0.0]]), mode="linear")
+    same = F.steer_weights(
+        lp[:, :1].repeat(1, 2), old, old_ent, adv, torch.tensor([[1.0, 0.0]]), mode="linear"
+    )
     torch.testing.assert_close(same, torch.tensor([[1.0, 0.0]]))
     tiny = F.steer_weights(lp, lp, -lp, adv * 1e-6, mask)
     assert (tiny > 0.99).all()
@@ -175,8 +209,12 @@ def test_steer_weights_match_reference_on_random_batch():
     ent = torch.rand(3, 6, generator=g) * 3
     adv = torch.randn(3, generator=g)
     mask = torch.rand(3, 6, generator=g) > 0.3
-    torch.testing.assert_close(F.steer_weights(lp, old, ent, adv, mask), ref_steer_exp(lp, old, ent, adv[:, None]
-                               .expand(3, 6), mask), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        F.steer_weights(lp, old, ent, adv, mask),
+        ref_steer_exp(lp, old, ent, adv[:, None].expand(3, 6), mask),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -185,14 +223,28 @@ def test_steer_in_the_loss(backend):
     old_ent = torch.rand(B, T) * 2
 
     def ours(h, w):
-        return F.linear_grpo_loss(h, w, targets, adv, mask, old_logprobs=old, dual_clip=10.0, eps_high=0.28,
-                                  steer=F.SteerConfig(), old_entropy=old_ent, backend=backend)
+        return F.linear_grpo_loss(
+            h,
+            w,
+            targets,
+            adv,
+            mask,
+            old_logprobs=old,
+            dual_clip=10.0,
+            eps_high=0.28,
+            steer=F.SteerConfig(),
+            old_entropy=old_ent,
+            backend=backend,
+        )
 
     def reference(h, w):
         lp, ent = ref_token_stats(h, w, targets, mask)
-        sw = ref_steer_exp(lp.detach(), old.double(), old_ent.double(), adv[:, None].expand(B, T), mask).double()
-        return ref_grpo_loss(lp, ent, adv.double(), mask, old.double(), None, dual_clip=10.0, eps_high=0.28,
-                             steer_w=sw), None
+        sw = ref_steer_exp(
+            lp.detach(), old.double(), old_ent.double(), adv[:, None].expand(B, T), mask
+        ).double()
+        return ref_grpo_loss(
+            lp, ent, adv.double(), mask, old.double(), None, dual_clip=10.0, eps_high=0.28, steer_w=sw
+        ), None
 
     loss, grads, st = _grads(ours, hidden, weight)
     ref_loss, ref_grads, _ = _grads(reference, hidden.double(), weight.double())
@@ -204,8 +256,16 @@ def test_steer_in_the_loss(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_steer_exact_mode_uses_the_first_order_entropy_change(backend):
     hidden, weight, targets, mask, adv, old, _, _ = _batch(7)
-    loss, st = F.linear_grpo_loss(hidden, weight, targets, adv, mask, old_logprobs=old,
-                                  steer=F.SteerConfig(mode="exact"), backend=backend)
+    loss, st = F.linear_grpo_loss(
+        hidden,
+        weight,
+        targets,
+        adv,
+        mask,
+        old_logprobs=old,
+        steer=F.SteerConfig(mode="exact"),
+        backend=backend,
+    )
     # reference: dH = -eta A r [p_y (log p_y + H) - sum_v p_v^2 (log p_v + H)], from materialised logits
     y = torch.where(mask, targets, -100)
     logits = hidden.double() @ weight.double().T
@@ -237,7 +297,9 @@ def test_group_advantages():
     torch.testing.assert_close(a[:3], (r[:3] - 2 / 3) / (r.std() + 1e-6))
     single = F.group_advantages(torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0, 0, 1]))
     assert single[2] == 0  # a group of one has std 0 and advantage 0 under GRPO
-    with pytest.raises(ValueError, match="estimator='rloo' needs groups of at least 2 samples; group 1 has one"):
+    with pytest.raises(
+        ValueError, match="estimator='rloo' needs groups of at least 2 samples; group 1 has one"
+    ):
         F.group_advantages(torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0, 0, 1]), estimator="rloo")
     with pytest.raises(ValueError, match="scale must be one of 'group', 'batch', 'none'; got 'std'"):
         F.group_advantages(r, gid, scale="std")
@@ -251,18 +313,28 @@ def _pacs_batch(seed=8):
     targets = torch.cat([targets, targets[:1]])
     mask = torch.cat([mask, mask[:1]])
     old = torch.cat([old, old[:1]])
-    return hidden, weight, targets, mask, old, torch.cat([rewards, torch.tensor([0.0])]), torch.cat(
-        [groups, torch.tensor([1])])
+    return (
+        hidden,
+        weight,
+        targets,
+        mask,
+        old,
+        torch.cat([rewards, torch.tensor([0.0])]),
+        torch.cat([groups, torch.tensor([1])]),
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("opts", [dict(), dict(beta=2.0), dict(baseline="grpo"), dict(baseline="none"),
-                                  dict(class_balance=False)])
+@pytest.mark.parametrize(
+    "opts", [dict(), dict(beta=2.0), dict(baseline="grpo"), dict(baseline="none"), dict(class_balance=False)]
+)
 def test_pacs_matches_float64_reference(backend, opts):
     hidden, weight, targets, mask, old, rewards, groups = _pacs_batch()
 
     def ours(h, w):
-        return F.linear_pacs_loss(h, w, targets, rewards, mask, groups, old_logprobs=old, backend=backend, **opts)
+        return F.linear_pacs_loss(
+            h, w, targets, rewards, mask, groups, old_logprobs=old, backend=backend, **opts
+        )
 
     def reference(h, w):
         lp, _ = ref_token_stats(h, w, targets, mask)
@@ -299,13 +371,23 @@ def test_pacs_gradient_closed_form(backend):
         g = len(grp)
         w = 1.0 if k in (0, g) else (g / (2 * k) if rewards[i] > 0.5 else g / (2 * (g - k)))
         e[i] = w * (torch.sigmoid(psi) - rewards[i]) / n
-    want = torch.stack([beta * (e[i] - sum(e[j] for j in members[int(groups[i])] if j != i)
-                                / (len(members[int(groups[i])]) - 1)) * mask[i] for i in range(n)])
+    want = torch.stack(
+        [
+            beta
+            * (
+                e[i]
+                - sum(e[j] for j in members[int(groups[i])] if j != i) / (len(members[int(groups[i])]) - 1)
+            )
+            * mask[i]
+            for i in range(n)
+        ]
+    )
     torch.testing.assert_close(lp_leaf.grad.double(), want, rtol=1e-5, atol=1e-7)
     # and the fused loss routes exactly that gradient into the lm-head: compare d hidden both ways
     h = hidden.detach().clone().requires_grad_()
-    fused_loss, _ = F.linear_pacs_loss(h, weight, targets, rewards, mask, groups, old_logprobs=old, beta=beta,
-                                       backend=backend)
+    fused_loss, _ = F.linear_pacs_loss(
+        h, weight, targets, rewards, mask, groups, old_logprobs=old, beta=beta, backend=backend
+    )
     fused_loss.backward()
     h2 = hidden.double().requires_grad_()
     lp2, _ = ref_token_stats(h2, weight.double(), targets, mask)
@@ -318,8 +400,18 @@ def test_modules_only_hold_hyper_parameters():
     mod = F.LinearGRPOLoss(beta=0.1, agg="dapo", eps_high=0.28)
     assert list(mod.parameters()) == [] and list(mod.buffers()) == []
     a, _ = mod(hidden, weight, targets, adv, mask, old_logprobs=old, ref_logprobs=ref)
-    b, _ = F.linear_grpo_loss(hidden, weight, targets, adv, mask, old_logprobs=old, ref_logprobs=ref, beta=0.1,
-                              agg="dapo", eps_high=0.28)
+    b, _ = F.linear_grpo_loss(
+        hidden,
+        weight,
+        targets,
+        adv,
+        mask,
+        old_logprobs=old,
+        ref_logprobs=ref,
+        beta=0.1,
+        agg="dapo",
+        eps_high=0.28,
+    )
     assert torch.equal(a, b)
     pacs = F.LinearPACSLoss(beta=2.0)
     hidden, weight, targets, mask, old, rewards, groups = _pacs_batch()

@@ -20,7 +20,9 @@ def test_vocab_tail_is_minus_inf(backend, vocab):
     lp, _ = linear_logprobs(rows, weight, targets, backend=backend)
     lp = lp.view(n, vocab)
     assert (lp <= 0).all()
-    torch.testing.assert_close(lp.double().exp().sum(1), torch.ones(n, dtype=torch.float64), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        lp.double().exp().sum(1), torch.ones(n, dtype=torch.float64), rtol=0, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -51,9 +53,9 @@ def test_d_hidden_accumulates_in_fp32_across_vocab_chunks(backend, monkeypatch):
     dz[torch.arange(64), y] += g_lp.double()
     running = torch.zeros(64, 32, dtype=torch.bfloat16)
     for c in range(0, 2048, 16):
-        running = (running.double() + dz[:, c:c + 16].to(torch.bfloat16).double() @ w[c:c + 16].double()).to(
-            torch.bfloat16
-        )
+        running = (
+            running.double() + dz[:, c : c + 16].to(torch.bfloat16).double() @ w[c : c + 16].double()
+        ).to(torch.bfloat16)
     bug_err = rel_err(running, ref[2])
     assert err < 2**-7, err  # bf16 output rounding plus the bf16 staging of the logit gradient
     assert err < bug_err / 3, (err, bug_err)
@@ -75,8 +77,9 @@ def test_hyper_parameters_from_tensors_and_compile(backend):
     """Liger: python float hyper-parameters became fp64 under torch.compile and broke the kernels."""
     h, w, y, _ = make_inputs(16, 16, 40, torch.float32, seed=5)
     temp64 = torch.tensor(0.7, dtype=torch.float64)
-    lp, _ = linear_logprobs(h, w, y, temperature=temp64, softcap=torch.tensor(9.0, dtype=torch.float64),
-                            backend=backend)
+    lp, _ = linear_logprobs(
+        h, w, y, temperature=temp64, softcap=torch.tensor(9.0, dtype=torch.float64), backend=backend
+    )
     ref_lp, _ = reference_logprobs(h.double(), w.double(), y, temperature=0.7, softcap=9.0)
     assert rel_err(lp, ref_lp) < 1e-5
 

@@ -30,10 +30,10 @@ def test_rlpr_reward_hand_computed():
     sa = torch.tensor([0.4, 0.5, 0.5, 0.2])
     fmt = torch.tensor([1, 1, 0, 0])
     torch.testing.assert_close(rlpr_reward(sb, sa), torch.tensor([0.2, 0.0, 0.0, 0.7]))
-    torch.testing.assert_close(rlpr_reward(sb, sa, fmt),
-                               torch.tensor([0.9 * 0.2 + 0.1, 0.1, 0.0, 0.9 * 0.7]))
-    torch.testing.assert_close(rlpr_reward(sb, sa, fmt.bool(), w=0.5),
-                               torch.tensor([0.5 * 0.2 + 0.5, 0.5, 0.0, 0.5 * 0.7]))
+    torch.testing.assert_close(rlpr_reward(sb, sa, fmt), torch.tensor([0.9 * 0.2 + 0.1, 0.1, 0.0, 0.9 * 0.7]))
+    torch.testing.assert_close(
+        rlpr_reward(sb, sa, fmt.bool(), w=0.5), torch.tensor([0.5 * 0.2 + 0.5, 0.5, 0.0, 0.5 * 0.7])
+    )
     torch.testing.assert_close(rlpr_reward(sb, 0.5), torch.tensor([0.1, 0.0, 0.0, 0.4]))
     with pytest.raises(ValueError, match=r"w must be a number in \[0, 1\]"):
         rlpr_reward(sb, sa, fmt, w=1.5)
@@ -57,8 +57,15 @@ def test_splice_replaces_the_answer_span():
 
 
 def test_splice_appends_when_the_answer_cannot_be_parsed():
-    out = splice_answer([1, 2, 3], [10, 11, 99, 0, 0], None, [30, 31], answer_prefix_ids=[40, 41],
-                        answer_suffix_ids=[42, 99], strip_ids=(99, 0))
+    out = splice_answer(
+        [1, 2, 3],
+        [10, 11, 99, 0, 0],
+        None,
+        [30, 31],
+        answer_prefix_ids=[40, 41],
+        answer_suffix_ids=[42, 99],
+        strip_ids=(99, 0),
+    )
     assert out.input_ids.tolist() == [1, 2, 3, 10, 11, 40, 41, 30, 31, 42, 99]
     assert out.answer_mask.nonzero().flatten().tolist() == [7, 8]
     assert not out.parsed and out.prompt_len == 3
@@ -68,7 +75,9 @@ def test_splice_appends_when_the_answer_cannot_be_parsed():
 
 
 def test_splice_errors():
-    with pytest.raises(ValueError, match=r"answer_span must satisfy 0 <= start <= end <= len\(response_ids\) = 3"):
+    with pytest.raises(
+        ValueError, match=r"answer_span must satisfy 0 <= start <= end <= len\(response_ids\) = 3"
+    ):
         splice_answer([1], [2, 3, 4], (2, 5), [9])
     with pytest.raises(ValueError, match="reference_ids must hold at least one token"):
         splice_answer([1], [2], (0, 1), [])

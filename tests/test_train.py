@@ -128,7 +128,11 @@ def test_one_fused_update_equals_materialised_logits_update(tmp_path, kw):
     batch.rewards = torch.tensor(
         [1.0, 0, 0, 1, 0, 1, 1, 1, 0, 0, 0, 1, 1, 0, 0, 0]
     )  # a signal in every group
-    adv = torch.zeros(len(batch)) if tr.cfg.algorithm == "pacs" else group_advantages(batch.rewards, batch.group)
+    adv = (
+        torch.zeros(len(batch))
+        if tr.cfg.algorithm == "pacs"
+        else group_advantages(batch.rewards, batch.group)
+    )
     start = params(tr.model)
     old = tr.score(batch)[0] if tr.cfg.algorithm == "pacs" else None
     stats = tr._update(batch, adv, old, None)
@@ -340,7 +344,12 @@ def test_resume_refuses_an_incompatible_config_and_a_fresh_run_never_overwrites(
         {"beta": 0.1, "kl": "k3", "epochs": 2},
         {"importance": "sequence"},
         {"algorithm": "pacs", "advantage": "grpo", "minibatches": 2, "epochs": 2},
-        {"dars": "et", "drop_uniform_groups": True, "adv_scale": "none", "loss_agg": "seq-mean-token-sum-norm"},
+        {
+            "dars": "et",
+            "drop_uniform_groups": True,
+            "adv_scale": "none",
+            "loss_agg": "seq-mean-token-sum-norm",
+        },
     ],
 )
 def test_algorithms_run_with_finite_metrics(tmp_path, kw):
@@ -360,7 +369,9 @@ def test_sampling_ignores_the_models_generation_config():
     from fused_rlvr.train.rollout import generate
 
     model, tok = tiny_random_model(0)
-    kw = dict(max_new_tokens=8, temperature=1.0, top_p=1.0, greedy=False, batch_size=64, eos_ids=[1], pad_id=0)
+    kw = dict(
+        max_new_tokens=8, temperature=1.0, top_p=1.0, greedy=False, batch_size=64, eos_ids=[1], pad_id=0
+    )
     torch.manual_seed(0)
     plain = generate(model, tok, [[5, 6, 7]] * 64, **kw)[0]
     model.generation_config.top_k = 2

@@ -104,8 +104,13 @@ def sgd_step(tr, batch) -> dict:
 def _worker(rank, init_file, tmp, phase):
     from fused_rlvr.train.distributed import DistributedTrainer
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=120),
+    )
     torch.set_num_threads(1)
     res = {}
     try:
@@ -121,16 +126,21 @@ def _worker(rank, init_file, tmp, phase):
                 rec = sgd_step(tr, full.select(torch.nonzero(torch.isin(full.group, mine)).flatten()))
                 res[name] = {"params": params(tr.model), "rec": rec}
                 tr.close()
-            tr = DistributedTrainer(tiny(os.path.join(tmp, "full")), hooks=[DigitReward(), SignalOnRank(-1, 1)])
+            tr = DistributedTrainer(
+                tiny(os.path.join(tmp, "full")), hooks=[DigitReward(), SignalOnRank(-1, 1)]
+            )
             res["full_summary"] = tr.train()
             res["full"] = params(tr.model)
             tr.close()
-            tr = DistributedTrainer(tiny(os.path.join(tmp, "part")), hooks=[DigitReward(), SignalOnRank(2, 1)])
+            tr = DistributedTrainer(
+                tiny(os.path.join(tmp, "part")), hooks=[DigitReward(), SignalOnRank(2, 1)]
+            )
             res["part_summary"] = tr.train()
             tr.close()
         else:
-            tr = DistributedTrainer(tiny(os.path.join(tmp, "part"), resume=True),
-                                    hooks=[DigitReward(), SignalOnRank(-1, 1)])
+            tr = DistributedTrainer(
+                tiny(os.path.join(tmp, "part"), resume=True), hooks=[DigitReward(), SignalOnRank(-1, 1)]
+            )
             res["resumed_summary"] = tr.train()
             res["resumed"] = params(tr.model)
             tr.close()
@@ -222,8 +232,25 @@ def test_torchrun_smoke(tmp_path):
     if torchrun is None:
         pytest.skip("torchrun is not installed next to this interpreter")
     out = tmp_path / "run"
-    cmd = [torchrun, "--nproc_per_node", "2", "-m", "fused_rlvr.train", "--preset", "tiny", "--fsdp", "true",
-           "--steps", "2", "--n-eval", "4", "--threads", "1", "--out-dir", str(out)]
+    cmd = [
+        torchrun,
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "fused_rlvr.train",
+        "--preset",
+        "tiny",
+        "--fsdp",
+        "true",
+        "--steps",
+        "2",
+        "--n-eval",
+        "4",
+        "--threads",
+        "1",
+        "--out-dir",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -233,4 +260,8 @@ def test_torchrun_smoke(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["after"]["n"] == 4
     assert sorted(os.listdir(out / "checkpoints" / "step_000002")) == [
-        "rank00000.pt", "rank00001.pt", "sharded", "state.pt"]
+        "rank00000.pt",
+        "rank00001.pt",
+        "sharded",
+        "state.pt",
+    ]

@@ -128,7 +128,10 @@ def test_plan_hint_breaks_the_problem_down_without_stating_the_answer():
         assert p.answer not in set(re.findall(r"\d+", hint)) - given, (p.question, hint)
         for lhs, rhs in re.findall(r"First ([\d +*-]+) = (\d+)", hint):  # its partial result is right
             assert eval(lhs) == int(rhs), hint  # noqa: S307 - our own generated text
-    assert plan_hint("What is 83 - 20?") == "Plan: 83 - 20 = (83 - 10) - 10. First 83 - 10 = 73; then take away 10."
+    assert (
+        plan_hint("What is 83 - 20?")
+        == "Plan: 83 - 20 = (83 - 10) - 10. First 83 - 10 = 73; then take away 10."
+    )
     assert plan_hint("Name the capital of France.") is None
 
 
@@ -234,7 +237,9 @@ def test_rlpr_reward_is_the_mean_probability_of_the_spliced_answer_minus_cached_
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(initial[n])
-    assert hook.score_a["What is 3 + 4?\x1f7"] == pytest.approx(_mean_prob(model, tok, prompt2 + ref2, len(prompt2)))
+    assert hook.score_a["What is 3 + 4?\x1f7"] == pytest.approx(
+        _mean_prob(model, tok, prompt2 + ref2, len(prompt2))
+    )
     assert abs(hook.score_a["What is 3 + 4?\x1f7"] - moved) > 1e-6
     m = hook.metrics()
     assert m["rlpr_cached_problems"] == 2.0 and m["rlpr_format"] == pytest.approx(5 / 7)
@@ -312,7 +317,12 @@ def test_std_filter_drops_low_std_groups_and_refills(tmp_path):
     b = seen["batch"]
     assert b.n_groups == 2 and [p.question for p in b.problems] == [script.seen[0][1], script.seen[1][1]]
     assert b.rewards.tolist() == mixed + mixed
-    assert (rec["groups_dropped"], rec["refill_rounds"], rec["n_groups"], rec["n_samples"]) == (4.0, 2.0, 2, 8)
+    assert (rec["groups_dropped"], rec["refill_rounds"], rec["n_groups"], rec["n_samples"]) == (
+        4.0,
+        2.0,
+        2,
+        8,
+    )
     assert rec["std_filter_candidates"] == 6.0 and rec["std_filter_keep_rate"] == pytest.approx(2 / 6)
     assert rec["std_filter_threshold"] == pytest.approx(0.2)
     # every candidate's std is pending for the next step's EMA; the next step folds it in first
@@ -355,8 +365,14 @@ def test_rank_shaping_changes_advantages_as_the_shaper_says(tmp_path):
     "kw",
     [
         {"rank_shaping": True},
-        {"reward": "rlpr", "rlpr_std_filter": True, "rlpr_std_beta": 1.0, "refill_rounds": 1, "guidance": "grpo",
-         "guidance_samples": 1},
+        {
+            "reward": "rlpr",
+            "rlpr_std_filter": True,
+            "rlpr_std_beta": 1.0,
+            "refill_rounds": 1,
+            "guidance": "grpo",
+            "guidance_samples": 1,
+        },
     ],
 )
 def test_interrupted_and_resumed_run_equals_uninterrupted_with_stateful_hooks(tmp_path, kw):
@@ -382,7 +398,14 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_with_stateful_hooks(tm
     recs = [json.loads(line) for line in open(tmp_path / "part" / "metrics.jsonl")]
     full_recs = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
     assert [r["step"] for r in recs] == [0, 1, 2, 3, 4]
-    for key in ("reward_mean", "rlpr_reward_mean", "er_mean", "std_filter_threshold", "groups_dropped", "loss"):
+    for key in (
+        "reward_mean",
+        "rlpr_reward_mean",
+        "er_mean",
+        "std_filter_threshold",
+        "groups_dropped",
+        "loss",
+    ):
         assert [r.get(key) for r in recs] == [r.get(key) for r in full_recs], key
     if kw.get("rlpr_std_filter"):  # the filter dropped and the trainer refilled after the resume too
         assert sum(r["refill_rounds"] for r in recs[3:]) >= 1
@@ -397,9 +420,14 @@ def test_method_config_errors(tmp_path):
         make_config("tiny", {"algorithm": "pacs", "rank_shaping": True})
     with pytest.raises(ValueError, match="'group_size' must be >= 2 with rlpr_std_filter"):
         make_config("tiny", {"rlpr_std_filter": True, "group_size": 1})
-    for preset, field, value in (("rlpr", "reward", "rlpr"), ("verl", "rank_shaping", True),
-                                 ("guidance", "guidance", "grpo")):
+    for preset, field, value in (
+        ("rlpr", "reward", "rlpr"),
+        ("verl", "rank_shaping", True),
+        ("guidance", "guidance", "grpo"),
+    ):
         assert getattr(make_config(preset), field) == value
     Trainer(tiny(tmp_path, "r", steps=1, rank_shaping=True)).train()
-    with pytest.raises(ValueError, match="incompatible config.*rank_shaping: checkpoint True vs config False"):
+    with pytest.raises(
+        ValueError, match="incompatible config.*rank_shaping: checkpoint True vs config False"
+    ):
         Trainer(tiny(tmp_path, "r", steps=2, resume=True)).train()

@@ -57,9 +57,17 @@ class LMHead:
         """`fused_rlvr.linear_logprobs` of `targets` [...] given `hidden` [..., H] under this head."""
         hidden, weight, bias = _match_head_dtype(hidden, self.weight, self.bias)
         with _no_autocast(hidden.device):
-            return linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                                   softcap=self.softcap, ignore_index=ignore_index,
-                                   return_entropy=return_entropy, backend=backend)
+            return linear_logprobs(
+                hidden,
+                weight,
+                targets,
+                bias=bias,
+                temperature=temperature,
+                softcap=self.softcap,
+                ignore_index=ignore_index,
+                return_entropy=return_entropy,
+                backend=backend,
+            )
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -180,8 +188,9 @@ def _no_autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def shifted_targets(input_ids: torch.Tensor, response_mask: Optional[torch.Tensor],
-                    ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def shifted_targets(
+    input_ids: torch.Tensor, response_mask: Optional[torch.Tensor], ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
     """[B, T-1] targets input_ids[:, 1:], with ignore_index where response_mask[:, 1:] == 0."""
     targets = input_ids[:, 1:]
     if response_mask is None:
@@ -223,5 +232,6 @@ def sequence_token_stats(
     head = lm_head(model)
     hidden = last_hidden_states(model, input_ids, attention_mask, **forward_kwargs)
     targets = shifted_targets(input_ids, response_mask).to(head.weight.device)
-    return head.token_stats(hidden[:, :-1], targets, temperature=temperature, return_entropy=return_entropy,
-                            backend=backend)
+    return head.token_stats(
+        hidden[:, :-1], targets, temperature=temperature, return_entropy=return_entropy, backend=backend
+    )

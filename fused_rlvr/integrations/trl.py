@@ -52,8 +52,18 @@ from fused_rlvr.linear_logprobs import linear_logprobs
 
 SUPPORTED_OUTPUTS = ("log_probs", "entropy")
 FUSED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-_MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
-                    "token_type_ids", "mm_token_type_ids", "image_position_ids", "num_images", "num_tiles")
+_MULTIMODAL_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+    "num_images",
+    "num_tiles",
+)
 
 
 def _check_not_zero3(model) -> None:
@@ -95,8 +105,9 @@ def _router_aux_loss(model, backbone_outputs, attention_mask):
 
     cfg = model.config.get_text_config()
     n_experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
-    return load_balancing_loss_func(backbone_outputs.router_logits, n_experts, cfg.num_experts_per_tok,
-                                    attention_mask)
+    return load_balancing_loss_func(
+        backbone_outputs.router_logits, n_experts, cfg.num_experts_per_tok, attention_mask
+    )
 
 
 def add_fused_lm_head(
@@ -130,11 +141,15 @@ def add_fused_lm_head(
     text_config = model.config.get_text_config()
 
     @functools.wraps(type(model).forward)
-    def _fused_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None,
-                       num_items_in_batch=None, **kwargs):
+    def _fused_forward(
+        self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs
+    ):
         if not fused_lm_head:
-            for key, value in (("labels", labels), ("shift_labels", shift_labels),
-                               ("num_items_in_batch", num_items_in_batch)):
+            for key, value in (
+                ("labels", labels),
+                ("shift_labels", shift_labels),
+                ("num_items_in_batch", num_items_in_batch),
+            ):
                 if value is not None:
                     kwargs[key] = value
             return previous_forward(*args, **kwargs)
@@ -149,13 +164,22 @@ def add_fused_lm_head(
             hidden, targets = backbone_outputs.last_hidden_state[:, :-1], labels[:, 1:]
         else:
             hidden, targets = backbone_outputs.last_hidden_state, shift_labels
-        hidden, weight, bias, softcap, ctx = head_inputs(self, hidden,
-                                                         cast_lm_head_to_fp32=cast_lm_head_to_fp32)
+        hidden, weight, bias, softcap, ctx = head_inputs(
+            self, hidden, cast_lm_head_to_fp32=cast_lm_head_to_fp32
+        )
         targets = targets.to(weight.device)
         with ctx:
-            log_probs, entropy = linear_logprobs(hidden, weight, targets, bias=bias, softcap=softcap,
-                                                 temperature=temperature, ignore_index=IGNORE_INDEX,
-                                                 return_entropy=want_entropy, backend=backend)
+            log_probs, entropy = linear_logprobs(
+                hidden,
+                weight,
+                targets,
+                bias=bias,
+                softcap=softcap,
+                temperature=temperature,
+                ignore_index=IGNORE_INDEX,
+                return_entropy=want_entropy,
+                backend=backend,
+            )
         mask = targets != IGNORE_INDEX
         denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = -log_probs.sum() / denom
@@ -163,8 +187,9 @@ def add_fused_lm_head(
         if kwargs.get("output_router_logits"):
             aux_loss = _router_aux_loss(self, backbone_outputs, kwargs.get("attention_mask"))
             loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
-        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, label_mask=mask,
-                                   aux_loss=aux_loss)
+        return FusedCausalLMOutput(
+            loss=loss, log_probs=log_probs, entropy=entropy, label_mask=mask, aux_loss=aux_loss
+        )
 
     model.forward = types.MethodType(_fused_forward, model)
 
@@ -186,11 +211,20 @@ class FusedGRPOTrainer(GRPOTrainer):
         self.fused_loss = fused_loss
         cast = self.args.cast_lm_head_to_fp32
         policy = unwrap_model(self.model)
-        add_fused_lm_head(policy, temperature=self.temperature, cast_lm_head_to_fp32=cast,
-                          outputs=("log_probs", "entropy"), backend=fused_backend)
+        add_fused_lm_head(
+            policy,
+            temperature=self.temperature,
+            cast_lm_head_to_fp32=cast,
+            outputs=("log_probs", "entropy"),
+            backend=fused_backend,
+        )
         if self.ref_model is not None:
-            add_fused_lm_head(unwrap_model(self.ref_model), temperature=self.temperature,
-                              cast_lm_head_to_fp32=cast, backend=fused_backend)
+            add_fused_lm_head(
+                unwrap_model(self.ref_model),
+                temperature=self.temperature,
+                cast_lm_head_to_fp32=cast,
+                backend=fused_backend,
+            )
 
     def fused_loss_path(self, inputs: dict[str, Any]) -> tuple[bool, str]:
         """(True, "") when linear_grpo_loss computes the loss of `inputs`, else (False, the reason)."""
@@ -200,13 +234,19 @@ class FusedGRPOTrainer(GRPOTrainer):
             (self.loss_type not in FUSED_LOSS_TYPES, f"loss_type={self.loss_type!r}"),
             (self.top_entropy_quantile < 1.0, "top_entropy_quantile < 1 (entropy mask)"),
             (self._entropy_bonus_enabled and self.use_adaptive_entropy, "adaptive entropy bonus"),
-            (self._entropy_bonus_enabled and self.loss_type == "grpo",
-             "entropy bonus with loss_type='grpo' (TRL's bonus is a token mean, the loss a sequence mean)"),
+            (
+                self._entropy_bonus_enabled and self.loss_type == "grpo",
+                "entropy bonus with loss_type='grpo' (TRL's bonus is a token mean, the loss a sequence mean)",
+            ),
             (self.off_policy_mask_threshold is not None, "off_policy_mask_threshold"),
-            (self.use_vllm and self.vllm_importance_sampling_correction,
-             "vLLM importance-sampling correction"),
-            (self.beta != 0.0 and getattr(args, "use_bias_correction_kl", False),
-             "use_bias_correction_kl (TRL's default with beta > 0: the KL term is weighted by the ratio)"),
+            (
+                self.use_vllm and self.vllm_importance_sampling_correction,
+                "vLLM importance-sampling correction",
+            ),
+            (
+                self.beta != 0.0 and getattr(args, "use_bias_correction_kl", False),
+                "use_bias_correction_kl (TRL's default with beta > 0: the KL term is weighted by the ratio)",
+            ),
             (getattr(args, "delta", None) is not None, "delta (two-sided clipping)"),
             (self.aux_loss_enabled, "MoE router aux loss"),
             (any(inputs.get(k) is not None for k in _MULTIMODAL_KEYS), "multimodal inputs"),
@@ -248,10 +288,12 @@ class FusedGRPOTrainer(GRPOTrainer):
         # 1. last hidden states through the (possibly DDP-wrapped) model, so its hooks run as in TRL
         with self.accelerator.autocast():
             out = model(input_ids=input_ids, attention_mask=attention_mask, fused_lm_head="hidden")
-        hidden = out.last_hidden_state[:, -n_completion - 1:-1]  # position t scores completion token t
+        hidden = out.last_hidden_state[:, -n_completion - 1 : -1]  # position t scores completion token t
         hidden, weight, bias, softcap, ctx = head_inputs(
-            unwrap_model(self.accelerator.unwrap_model(model)), hidden,
-            cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
+            unwrap_model(self.accelerator.unwrap_model(model)),
+            hidden,
+            cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32,
+        )
 
         # 2. TRL's normaliser and entropy bonus expressed for linear_grpo_loss
         divisor = self._normalizer(mask, inputs.get("num_items_in_batch"), mode)
@@ -262,13 +304,26 @@ class FusedGRPOTrainer(GRPOTrainer):
         advantages = inputs["advantages"]
         with ctx:
             loss, stats = linear_grpo_loss(
-                hidden, weight, completion_ids.to(weight.device), advantages, mask,
+                hidden,
+                weight,
+                completion_ids.to(weight.device),
+                advantages,
+                mask,
                 old_logprobs=inputs.get("old_per_token_logps"),
                 ref_logprobs=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
-                beta=self.beta, kl="k3", eps_low=self.epsilon_low, eps_high=self.epsilon_high,
-                importance=self.importance_sampling_level, agg=self.loss_type, entropy_coef=entropy_coef,
-                temperature=self.temperature, bias=bias, softcap=softcap, backend=self.fused_backend,
-                normalizer=divisor, max_len=self.max_completion_length,
+                beta=self.beta,
+                kl="k3",
+                eps_low=self.epsilon_low,
+                eps_high=self.epsilon_high,
+                importance=self.importance_sampling_level,
+                agg=self.loss_type,
+                entropy_coef=entropy_coef,
+                temperature=self.temperature,
+                bias=bias,
+                softcap=softcap,
+                backend=self.fused_backend,
+                normalizer=divisor,
+                max_len=self.max_completion_length,
             )
         self._log_fused_metrics(mode, stats, mask)
         return loss

@@ -67,10 +67,19 @@ def linear_logprobs_entropy(
     """
     one_of("reduction", reduction, REDUCTIONS)
     ignore = -100 if ignore_index is None else ignore_index
-    log_probs, entropy = linear_logprobs(hidden_states, weight, labels, bias=bias, temperature=temperature,
-                                         softcap=softcap, ignore_index=ignore, return_entropy=True,
-                                         backend=backend, process_group=process_group,
-                                         vocab_start=vocab_start)
+    log_probs, entropy = linear_logprobs(
+        hidden_states,
+        weight,
+        labels,
+        bias=bias,
+        temperature=temperature,
+        softcap=softcap,
+        ignore_index=ignore,
+        return_entropy=True,
+        backend=backend,
+        process_group=process_group,
+        vocab_start=vocab_start,
+    )
     if reduction == "none":
         return log_probs, entropy
     if reduction == "sum":
@@ -97,8 +106,9 @@ def linear_cross_entropy(
     if dist_process_group is not None:
         import torch.distributed as dist
 
-        kw = dict(process_group=dist_process_group,
-                  vocab_start=dist.get_rank(dist_process_group) * weight.shape[0])
+        kw = dict(
+            process_group=dist_process_group, vocab_start=dist.get_rank(dist_process_group) * weight.shape[0]
+        )
     return linear_logprobs_entropy(hidden, weight, labels, temperature, reduction, **kw)
 
 
@@ -120,5 +130,6 @@ class FusedLinearForPPO(torch.nn.Module):
         input_ids: torch.Tensor,
         temperature: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return linear_logprobs_entropy(hidden_states, vocab_weights, input_ids, temperature,
-                                       backend=self.backend)
+        return linear_logprobs_entropy(
+            hidden_states, vocab_weights, input_ids, temperature, backend=self.backend
+        )

@@ -59,8 +59,9 @@ def save(ckpt_root: str, step: int, state: dict[str, Any], keep: int) -> str:
     atomic_write_text(os.path.join(ckpt_root, LATEST), name + "\n")
     # folders of later steps are left over from an abandoned run past the one resumed: drop them; of the
     # rest keep the `keep` newest, never the one just written
-    others = sorted((int(d[5:]), d) for d in os.listdir(ckpt_root)
-                    if d.startswith("step_") and d[5:].isdigit())
+    others = sorted(
+        (int(d[5:]), d) for d in os.listdir(ckpt_root) if d.startswith("step_") and d[5:].isdigit()
+    )
     older = [d for s, d in others if s < step]
     for stale in [d for s, d in others if s > step] + older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(os.path.join(ckpt_root, stale), ignore_errors=True)

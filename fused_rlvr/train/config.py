@@ -256,6 +256,7 @@ COMPATIBILITY_FIELDS = (
     "guidance",
 )
 
+
 def check_compatible(saved: dict[str, Any], cfg: TrainConfig, folder: str) -> None:
     """Refuse to resume from a checkpoint whose config differs in a COMPATIBILITY_FIELDS field; a field the
     checkpoint predates counts as its default."""

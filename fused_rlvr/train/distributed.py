@@ -176,8 +176,6 @@ def _no_extra_loss(extra_loss, name: str, trainer, batch) -> None:
         )
 
 
-
-
 class DistributedTrainer(Trainer):
     """The Trainer with the model sharded by FSDP2 over the ranks of the default process group (see the
     module docstring). Initialises the group from torchrun's environment when it is not initialised yet
@@ -464,16 +462,21 @@ class DistributedTrainer(Trainer):
         set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
         self.scheduler.load_state_dict(meta["scheduler"])
         mine = torch.load(self._rank_file(folder, self.rank), map_location="cpu", weights_only=False)
-        self._restore_run_state(folder, meta["config"], mine["rng"], mine["hooks"], meta["step"],
-                                meta["eval_before"])
+        self._restore_run_state(
+            folder, meta["config"], mine["rng"], mine["hooks"], meta["step"], meta["eval_before"]
+        )
 
     # ------------------------------------------------------------------ signals
     def _on_signal(self, name: str) -> None:
         """Only a request: it is all-gathered at the end of each step, and every rank stops after the step in
         which any rank got one (Trainer._signals: a second signal aborts now)."""
         self._stop_request = name
-        print(f"\n[rank {self.rank}] {name}: every rank finishes step {self.step + 1}, then saves a "
-              f"checkpoint (signal again to abort without saving)", file=sys.stderr, flush=True)
+        print(
+            f"\n[rank {self.rank}] {name}: every rank finishes step {self.step + 1}, then saves a "
+            f"checkpoint (signal again to abort without saving)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def is_main_process() -> bool:

@@ -83,8 +83,9 @@ def run_checkpoint(run_dir: str, checkpoint_dir: Optional[str] = None) -> str:
     return folder
 
 
-def load_run(run_dir: str, *, checkpoint_dir: Optional[str] = None, device: str = "auto",
-             dtype: str = "auto"):
+def load_run(
+    run_dir: str, *, checkpoint_dir: Optional[str] = None, device: str = "auto", dtype: str = "auto"
+):
     """(model, tokenizer, config, checkpoint folder) of a trained run: the base model of the run's config
     with the checkpoint's trainable parameters loaded over it (default: the latest checkpoint)."""
     cfg = read_run_config(run_dir)
@@ -116,8 +117,9 @@ def _eos_ids(model, tok) -> list[int]:
 
 
 @torch.no_grad()
-def token_entropies(model, batch: RolloutBatch, pad_id: int, *, temperature: float, micro_batch: int,
-                    backend: str = "auto") -> list[torch.Tensor]:
+def token_entropies(
+    model, batch: RolloutBatch, pad_id: int, *, temperature: float, micro_batch: int, backend: str = "auto"
+) -> list[torch.Tensor]:
     """Per-sample fused token entropies [len(response)] of the responses in `batch`, under their prompts."""
     device = next(model.parameters()).device
     out = []
@@ -125,17 +127,38 @@ def token_entropies(model, batch: RolloutBatch, pad_id: int, *, temperature: flo
     for s in range(0, len(batch), micro_batch):
         r = rows[s : s + micro_batch]
         enc = batch.pack(r, pad_id, device)
-        st = sequence_token_stats(model, enc["input_ids"], enc["attention_mask"], enc["response_mask"],
-                                  temperature=temperature, return_entropy=True, backend=backend)
+        st = sequence_token_stats(
+            model,
+            enc["input_ids"],
+            enc["attention_mask"],
+            enc["response_mask"],
+            temperature=temperature,
+            return_entropy=True,
+            backend=backend,
+        )
         m = enc["response_mask"][:, 1:].bool()
         out += [st.entropy[j][m[j]].float().cpu() for j in range(len(r))]
     return out
 
 
-def sample_model(model, tok, problems: list[Problem], *, n: int, temperature: float, top_p: float = 1.0,
-                 max_new_tokens: int, prompt_suffix: str, system_prompt: Optional[str] = None,
-                 verifier=None, greedy: bool = False, seed: int = 0, gen_batch: int = 64,
-                 micro_batch: int = 16, backend: str = "auto") -> ModelSamples:
+def sample_model(
+    model,
+    tok,
+    problems: list[Problem],
+    *,
+    n: int,
+    temperature: float,
+    top_p: float = 1.0,
+    max_new_tokens: int,
+    prompt_suffix: str,
+    system_prompt: Optional[str] = None,
+    verifier=None,
+    greedy: bool = False,
+    seed: int = 0,
+    gen_batch: int = 64,
+    micro_batch: int = 16,
+    backend: str = "auto",
+) -> ModelSamples:
     """n sampled responses per problem (torch seeded with `seed` first, so two models see the same random
     stream), each verified, then its final answer read, in problem-major order; token entropies from the
     fused op on the sampled responses at `temperature`; with greedy=True one greedy response each too."""
@@ -143,18 +166,30 @@ def sample_model(model, tok, problems: list[Problem], *, n: int, temperature: fl
     model.eval()
     pad_id, eos = tok.pad_token_id, _eos_ids(model, tok)
     prompts = [format_prompt(tok, p.question, prompt_suffix, system_prompt) for p in problems]
-    gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=gen_batch,
-               eos_ids=eos, pad_id=pad_id)
+    gen = dict(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=gen_batch,
+        eos_ids=eos,
+        pad_id=pad_id,
+    )
     torch.manual_seed(seed)
     ids, texts, trunc = generate(model, tok, [p for p in prompts for _ in range(n)], greedy=False, **gen)
-    batch = RolloutBatch(problems=list(problems), prompt_ids=prompts,
-                         group=torch.arange(len(problems)).repeat_interleave(n), response_ids=ids,
-                         texts=texts, truncated=torch.tensor(trunc, dtype=torch.bool),
-                         tags=["eval"] * len(ids))
+    batch = RolloutBatch(
+        problems=list(problems),
+        prompt_ids=prompts,
+        group=torch.arange(len(problems)).repeat_interleave(n),
+        response_ids=ids,
+        texts=texts,
+        truncated=torch.tensor(trunc, dtype=torch.bool),
+        tags=["eval"] * len(ids),
+    )
     ok = [verifier(t, problems[i // n].answer) > 0.5 for i, t in enumerate(texts)]
     answers = [verifier.final_answer(t) for t in texts]
-    ents = token_entropies(model, batch, pad_id, temperature=temperature, micro_batch=micro_batch,
-                           backend=backend)
+    ents = token_entropies(
+        model, batch, pad_id, temperature=temperature, micro_batch=micro_batch, backend=backend
+    )
     greedy_ok = None
     if greedy:
         _, gtexts, _ = generate(model, tok, prompts, greedy=True, **gen)
@@ -185,18 +220,29 @@ def _with_columns(row: dict, extra: dict) -> dict:
     return out
 
 
-def compare_report(problems: list[Problem], base: ModelSamples, trained: ModelSamples, n: int,
-                   ks: list[int]) -> LeashReport:
+def compare_report(
+    problems: list[Problem], base: ModelSamples, trained: ModelSamples, n: int, ks: list[int]
+) -> LeashReport:
     """leash_report of the two models, with token entropy (and greedy) columns and summary entries."""
-    rep = leash_report([p.id for p in problems], base.correct, trained.correct, n_base=n, ks=ks,
-                       base_answers=base.answers, trained_answers=trained.answers)
+    rep = leash_report(
+        [p.id for p in problems],
+        base.correct,
+        trained.correct,
+        n_base=n,
+        ks=ks,
+        base_answers=base.answers,
+        trained_answers=trained.answers,
+    )
     rows = []
     for i, row in enumerate(rep.rows):
-        extra = {"base_token_entropy": base.token_entropy[i],
-                 "trained_token_entropy": trained.token_entropy[i]}
+        extra = {
+            "base_token_entropy": base.token_entropy[i],
+            "trained_token_entropy": trained.token_entropy[i],
+        }
         if base.greedy_correct is not None:
-            extra.update(base_greedy=int(base.greedy_correct[i]),
-                         trained_greedy=int(trained.greedy_correct[i]))
+            extra.update(
+                base_greedy=int(base.greedy_correct[i]), trained_greedy=int(trained.greedy_correct[i])
+            )
         rows.append(_with_columns(row, extra))
     summary = dict(rep.summary)
     for name, s in (("base", base), ("trained", trained)):
@@ -292,10 +338,20 @@ def run(args: argparse.Namespace, verifier=None) -> dict[str, Any]:
     out_dir = args.out_dir or (os.path.join(args.run, "eval") if args.run else "runs/eval")
     verifier = Verifier() if verifier is None else verifier
     dev, dt = _device_dtype(args.device, args.dtype)
-    common = dict(n=args.n, temperature=temperature, top_p=args.top_p, max_new_tokens=max_new,
-                  prompt_suffix=cfg.prompt_suffix, system_prompt=cfg.system_prompt, verifier=verifier,
-                  greedy=args.greedy, seed=args.seed, gen_batch=args.gen_batch, micro_batch=args.micro_batch,
-                  backend=args.backend)
+    common = dict(
+        n=args.n,
+        temperature=temperature,
+        top_p=args.top_p,
+        max_new_tokens=max_new,
+        prompt_suffix=cfg.prompt_suffix,
+        system_prompt=cfg.system_prompt,
+        verifier=verifier,
+        greedy=args.greedy,
+        seed=args.seed,
+        gen_batch=args.gen_batch,
+        micro_batch=args.micro_batch,
+        backend=args.backend,
+    )
     t0 = time.time()
     model, tok = load_causal_lm(base_name, device=str(dev), dtype=dt, seed=cfg.seed)
     print(f"sampling {args.n} x {len(problems)} problems from the base model {base_name}", file=sys.stderr)
@@ -312,8 +368,12 @@ def run(args: argparse.Namespace, verifier=None) -> dict[str, Any]:
     else:
         report = single_report(problems, base, args.n, ks)
     report.summary.update(
-        base_model=base_name, trained_checkpoint=folder or "", n=args.n, temperature=temperature,
-        max_new_tokens=max_new, seconds=round(time.time() - t0, 1),
+        base_model=base_name,
+        trained_checkpoint=folder or "",
+        n=args.n,
+        temperature=temperature,
+        max_new_tokens=max_new,
+        seconds=round(time.time() - t0, 1),
     )
     plot = not args.no_plot
     if plot:
@@ -327,12 +387,22 @@ def run(args: argparse.Namespace, verifier=None) -> dict[str, Any]:
         for name, s in results.items():
             for i, p in enumerate(problems):
                 for j, text in enumerate(s.texts[i]):
-                    rec = {"model": name, "problem": p.id, "answer": p.answer, "sample": j, "response": text,
-                           "final_answer": s.answers[i][j]}
+                    rec = {
+                        "model": name,
+                        "problem": p.id,
+                        "answer": p.answer,
+                        "sample": j,
+                        "response": text,
+                        "final_answer": s.answers[i][j],
+                    }
                     fh.write(json.dumps(rec) + "\n")
     checkpoint.atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(report.summary, indent=2))
-    paths.update({"samples.jsonl": os.path.join(out_dir, "samples.jsonl"),
-                  "summary.json": os.path.join(out_dir, "summary.json")})
+    paths.update(
+        {
+            "samples.jsonl": os.path.join(out_dir, "samples.jsonl"),
+            "summary.json": os.path.join(out_dir, "summary.json"),
+        }
+    )
     report.summary["files"] = paths
     return report.summary
 

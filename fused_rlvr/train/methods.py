@@ -87,8 +87,9 @@ def _reference_tokens(tok, lead: str, reference: str) -> tuple[list[int], list[b
     return ids, (mask if any(mask) else [True] * len(ids))
 
 
-def splice_reference(tok, prompt_ids: list[int], response_ids: list[int], reference: str) -> Optional[
-        SplicedAnswer]:
+def splice_reference(
+    tok, prompt_ids: list[int], response_ids: list[int], reference: str
+) -> Optional[SplicedAnswer]:
     """The sequence RLPR scores: the prompt, the response up to its final answer, then the reference answer.
 
     Token boundaries: the final number is found in the decoded response text; the response is cut at the
@@ -288,8 +289,9 @@ class StdFilterHook(Hook):
 
 # ---------------------------------------------------------------------------------------------------- VERL
 @torch.no_grad()
-def response_hidden_states(trainer: Trainer, batch: RolloutBatch, max_tokens: int = 512) -> list[
-        torch.Tensor]:
+def response_hidden_states(
+    trainer: Trainer, batch: RolloutBatch, max_tokens: int = 512
+) -> list[torch.Tensor]:
     """Each response's final hidden states, fp32 [T_i, d] on CPU, the last `max_tokens` of them.
 
     These are the rows the fused op receives for the response: hidden[:, :-1] at the positions that predict
@@ -320,8 +322,10 @@ class RankShapingHook(Hook):
         self._last: dict[str, float] = {}
 
     def rank_dynamics(self, trainer, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dyn = [erv_era(h, max_tokens=self.max_tokens) for h in response_hidden_states(trainer, batch,
-                                                                                      self.max_tokens)]
+        dyn = [
+            erv_era(h, max_tokens=self.max_tokens)
+            for h in response_hidden_states(trainer, batch, self.max_tokens)
+        ]
         return tuple(torch.tensor([d[i] for d in dyn], dtype=torch.float32) for i in range(3))
 
     def advantages(self, trainer, batch, adv):
@@ -420,8 +424,9 @@ class GuidanceHook(Hook):
 
     name = "guidance"
 
-    def __init__(self, mode: str = "grpo", samples: int = 4, beta: float = 0.1, coef: float = 1.0,
-                 hint: bool = True):
+    def __init__(
+        self, mode: str = "grpo", samples: int = 4, beta: float = 0.1, coef: float = 1.0, hint: bool = True
+    ):
         if mode not in ("grpo", "dpo"):
             raise ValueError(f"guidance mode must be 'grpo' or 'dpo', got {mode!r}")
         self.mode, self.samples, self.beta, self.coef = mode, int(samples), float(beta), float(coef)

@@ -165,11 +165,13 @@ def generate(
             gc = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
         gc.update(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_ids)
         own = model.generation_config
-        model.generation_config = GenerationConfig(pad_token_id=pad_id, eos_token_id=eos_ids,
-                                                   bos_token_id=own.bos_token_id)
+        model.generation_config = GenerationConfig(
+            pad_token_id=pad_id, eos_token_id=eos_ids, bos_token_id=own.bos_token_id
+        )
         try:
-            gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
-                                 generation_config=gc)
+            gen = model.generate(
+                input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gc
+            )
         finally:
             model.generation_config = own
         gen = gen[:, t:].cpu()

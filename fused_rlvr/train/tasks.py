@@ -169,8 +169,10 @@ class Verifier:
         try:
             from math_verify import parse, verify
         except ImportError:
-            raise ImportError("the trainer checks answers with math-verify: pip install 'fused-rlvr[train]' "
-                              "(or pip install math-verify)") from None
+            raise ImportError(
+                "the trainer checks answers with math-verify: pip install 'fused-rlvr[train]' "
+                "(or pip install math-verify)"
+            ) from None
         self._parse, self._verify = parse, verify
         self._gold: dict[str, object] = {}
 

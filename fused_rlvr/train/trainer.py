@@ -198,8 +198,14 @@ class Trainer:
     def evaluate(self, problems: Optional[list[Problem]] = None) -> dict[str, Any]:
         problems = self.heldout if problems is None else problems
         if not problems:
-            return {"accuracy": float("nan"), "n": 0, "correct": [], "mean_length": float("nan"),
-                    "truncated": float("nan"), "examples": []}
+            return {
+                "accuracy": float("nan"),
+                "n": 0,
+                "correct": [],
+                "mean_length": float("nan"),
+                "truncated": float("nan"),
+                "examples": [],
+            }
         ids, texts, truncated = self._generate([self.prompt_ids(p.question) for p in problems], greedy=True)
         correct = [self.verifier(t, p.answer) for t, p in zip(texts, problems)]
         return {
@@ -520,8 +526,9 @@ class Trainer:
                 params[n].copy_(v)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self._restore_run_state(folder, state["config"], state["rng"], state["hooks"], state["step"],
-                                state["eval_before"])
+        self._restore_run_state(
+            folder, state["config"], state["rng"], state["hooks"], state["step"], state["eval_before"]
+        )
 
     def _restore_run_state(self, folder, saved_cfg, rng, hooks, step, eval_before) -> None:
         """What every trainer restores after its weights, optimizer and scheduler: the lr (a new --lr on
@@ -537,8 +544,10 @@ class Trainer:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         if len(hooks) != len(self.hooks):
-            raise ValueError(f"cannot resume from {folder}: it holds the state of {len(hooks)} hooks, "
-                             f"this run has {len(self.hooks)}")
+            raise ValueError(
+                f"cannot resume from {folder}: it holds the state of {len(hooks)} hooks, "
+                f"this run has {len(self.hooks)}"
+            )
         for h, s in zip(self.hooks, hooks):
             h.load_state_dict(s)
         self.step = step
@@ -569,8 +578,12 @@ class Trainer:
     def _on_signal(self, name: str) -> None:
         """The first SIGINT / SIGTERM: stop after the current step (the loop then saves)."""
         self._stop = name
-        print(f"\n{name}: finishing step {self.step + 1}, then saving a checkpoint (signal again to abort "
-              f"without saving)", file=sys.stderr, flush=True)
+        print(
+            f"\n{name}: finishing step {self.step + 1}, then saving a checkpoint (signal again to abort "
+            f"without saving)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, Any]:
