@@ -24,10 +24,10 @@ MODELS = {
     "gemma2-9b": ModelShape("gemma2-9b", 3584, 256000, softcap=30.0),
 }
 
-# The shape every GPU target of the issues is stated at (H100/H200, bf16): 8192 tokens.
+# The shape every GPU target is stated at (H100/H200, bf16): 8192 tokens.
 GPU_TARGET = ("qwen2.5-h4096", 8192)
 CPU_MEMORY_TARGET = ("smollm2-135m", 4096)
-# CPU comparison of issue 4: Qwen2.5's vocabulary (V=151936) at a hidden size a CPU can turn over.
+# The CPU comparison: Qwen2.5's vocabulary (V=151936) at a hidden size a CPU can turn over.
 CPU_TARGET = ("qwen2.5-0.5b", 1024)
 # Scaling grids: tokens at a fixed model, and vocabularies of real models at a fixed token count.
 GPU_TOKEN_GRID = (1024, 2048, 4096, 8192, 16384)

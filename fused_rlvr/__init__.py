@@ -19,17 +19,20 @@ from fused_rlvr.grpo import GRPOStats, linear_grpo_loss  # noqa: E402
 from fused_rlvr.linear_logprobs import linear_entropy_moments, linear_logprobs  # noqa: E402
 from fused_rlvr.modules import LinearGRPOLoss, LinearPACSLoss  # noqa: E402
 from fused_rlvr.pacs import PACSStats, linear_pacs_loss  # noqa: E402
-from fused_rlvr.types import TokenStats  # noqa: E402
+from fused_rlvr.types import IGNORE_INDEX, TokenStats  # noqa: E402
+from fused_rlvr.vocab_parallel import VocabParallel  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "IGNORE_INDEX",
     "GRPOStats",
     "LinearGRPOLoss",
     "LinearPACSLoss",
     "PACSStats",
     "SteerConfig",
     "TokenStats",
+    "VocabParallel",
     "group_advantages",
     "linear_entropy_moments",
     "linear_grpo_loss",

@@ -5,7 +5,7 @@ A partial for a piece of the vocabulary holds, per row, relative to that piece's
 and optionally  S2 = sum exp(2(z - m)),  S2d = sum exp(2(z - m))(z - m).
 Both the Triton kernels (one partial per vocabulary split) and the chunked torch path (one per chunk)
 produce this layout, stacked as [stats, pieces, N]. Across the ranks of a vocabulary-parallel group the same
-merge runs as collectives (fused_rlvr.distributed): an all-reduce MAX of m, `rescale_partials` to that max,
+merge runs as collectives (fused_rlvr.vocab_parallel): an all-reduce MAX of m, `rescale_partials` to that max,
 then one all-reduce SUM of the rest.
 """
 

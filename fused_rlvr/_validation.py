@@ -23,7 +23,7 @@ def set_target_check(enabled: bool) -> None:
     setting FUSED_RLVR_CHECK_TARGETS=0 before import. Unchecked out-of-range targets give a log-prob that
     ignores the target logit (a wrong value), never a memory error: the kernels clamp every index.
     It also turns off the per-call layout/consistency all_gather of a vocabulary-parallel call
-    (`process_group=`), whose shard layout is then trusted.
+    (`vocab_parallel=`), whose shard layout is then trusted.
     """
     global _check_targets
     _check_targets = bool(enabled)
@@ -68,8 +68,8 @@ def check_plain(name: str, value) -> None:
     if _is_dtensor(value):
         raise TypeError(
             f"{name} is a DTensor (placements {tuple(value.placements)}): an FSDP2-sharded lm-head must be "
-            "called through fused_rlvr.distributed.fsdp2_lm_head_call(lm_head, fn, ...) so that FSDP2 "
-            "gathers it; a vocabulary shard goes in as weight.to_local() with process_group"
+            "called through fused_rlvr.fsdp.fsdp2_lm_head_call(lm_head, fn, ...) so that FSDP2 gathers it; "
+            "a vocabulary shard goes in as weight.to_local() with vocab_parallel=VocabParallel(...)"
         )
 
 
@@ -77,7 +77,7 @@ def check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend, *,
     """Shapes, dtypes and devices; with check_targets (and the target check on) every target in [0, V).
 
     The vocabulary-parallel path passes check_targets=False: its targets range over the whole vocabulary,
-    which only the ranks together know (fused_rlvr.distributed checks them against it).
+    which only the ranks together know (fused_rlvr.vocab_parallel checks them against it).
     """
     check_tensor("hidden", hidden)
     check_tensor("weight", weight)

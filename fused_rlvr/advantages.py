@@ -1,4 +1,4 @@
-"""Group-relative advantages and STEER entropy-change weights (RESEARCH.md sections 2 and 3)."""
+"""Group-relative advantages and STEER entropy-change weights (docs/methods.md, sections 2 and 3)."""
 
 from __future__ import annotations
 

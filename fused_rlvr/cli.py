@@ -14,8 +14,8 @@ def demo(args) -> int:
     """Per-token log-probs and entropy of SmolLM2 on real text, fused vs materialised logits, on CPU."""
     import torch
 
-    from fused_rlvr import linear_logprobs
-    from fused_rlvr.models import load_smollm2
+    from fused_rlvr import IGNORE_INDEX, linear_logprobs
+    from fused_rlvr.train.models import load_smollm2
 
     torch.manual_seed(0)
     t0 = time.time()
@@ -32,11 +32,11 @@ def demo(args) -> int:
     ]
     batch = tok(texts, return_tensors="pt", padding=True)
     ids, attn = batch["input_ids"][:, : args.max_len], batch["attention_mask"][:, : args.max_len]
-    targets = torch.where(attn[:, 1:] > 0, ids[:, 1:], -100)
+    targets = torch.where(attn[:, 1:] > 0, ids[:, 1:], IGNORE_INDEX)
     with torch.no_grad():
         hidden = model.model(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
     weight = model.get_output_embeddings().weight
-    n = int((targets != -100).sum())
+    n = int((targets != IGNORE_INDEX).sum())
     vocab = weight.shape[0]
     print(
         f"{n} scored tokens; their fp32 logits would take {n * vocab * 4 / 2**20:.0f} MiB "
@@ -52,7 +52,7 @@ def demo(args) -> int:
                 lp, ent = linear_logprobs(h, w, targets)
             else:
                 logp = torch.log_softmax(h @ w.T, -1)
-                valid = targets != -100
+                valid = targets != IGNORE_INDEX
                 lp = torch.where(valid, logp.gather(-1, targets.clamp_min(0)[..., None])[..., 0], 0.0)
                 ent = torch.where(valid, -(logp.exp() * logp).sum(-1), 0.0)
             (lp.sum() + 0.01 * ent.sum()).backward()
@@ -61,7 +61,7 @@ def demo(args) -> int:
     run(True)  # warm-up: thread pools and library code pages are touched once, outside the measurement
     ours = run(True)
     naive = run(False)
-    m = targets != -100
+    m = targets != IGNORE_INDEX
     print(
         f"mean log-prob {ours[0][m].mean():.4f} (naive {naive[0][m].mean():.4f}); mean entropy "
         f"{ours[1][m].mean():.4f} (naive {naive[1][m].mean():.4f})"

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from fused_rlvr._validation import as_mask, check_tensor, non_negative, per_token
 from fused_rlvr.linear_logprobs import fused_token_stats, make_params
+from fused_rlvr.types import IGNORE_INDEX
 
 
 class DPOStats(NamedTuple):
@@ -53,8 +54,8 @@ def sequence_logprobs(
     """
     _check_hidden(hidden, targets)
     m = as_mask("mask", mask, targets.shape).to(hidden.device)
-    y = torch.where(m > 0, targets, torch.full_like(targets, -100))
-    params = make_params(hidden, weight, y, bias, temperature, softcap, -100, backend)
+    y = torch.where(m > 0, targets, torch.full_like(targets, IGNORE_INDEX))
+    params = make_params(hidden, weight, y, bias, temperature, softcap, IGNORE_INDEX, backend)
     lp, _ent, _, _ = fused_token_stats(hidden, weight, bias, y, params)
     return (lp * m).sum(1)
 

@@ -1,6 +1,6 @@
 """VERL: effective rank of hidden states, its velocity / acceleration along a response, and the advantage
-shaping built on them (RESEARCH.md section 5; "Beyond the Exploration-Exploitation Trade-off: A Hidden State
-Approach for LLM Reasoning in RLVR", code at github.com/hf618/VERL).
+shaping built on them (docs/methods.md section 5; "Beyond the Exploration-Exploitation Trade-off: A Hidden
+State Approach for LLM Reasoning in RLVR", code at github.com/hf618/VERL).
 
 Where the paper's text and the authors' code differ, the code (which produced the published numbers) is the
 default here and the difference is named in the docstring.

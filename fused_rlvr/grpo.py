@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -18,6 +18,8 @@ from fused_rlvr._validation import (
 )
 from fused_rlvr.advantages import SteerConfig, steer_weights
 from fused_rlvr.linear_logprobs import fused_token_stats, make_params
+from fused_rlvr.types import IGNORE_INDEX
+from fused_rlvr.vocab_parallel import VocabParallel
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "k1+", "k2+", "k3+")
 IMPORTANCE = ("token", "sequence")
@@ -269,9 +271,7 @@ def linear_grpo_loss(
     max_len: Optional[int] = None,
     old_entropy: Optional[torch.Tensor] = None,
     logratio_clamp: float = 20.0,
-    process_group: Any = None,
-    vocab_start: Optional[int] = None,
-    reduce_grad_hidden: bool = True,
+    vocab_parallel: Optional[VocabParallel] = None,
 ) -> tuple[torch.Tensor, GRPOStats]:
     """Clipped-surrogate GRPO-family loss straight from hidden states [B, T, H] and the lm-head.
 
@@ -286,7 +286,7 @@ def linear_grpo_loss(
     Without old_logprobs the ratio is 1 in value (lp.detach()). KL "k1", "k2", "k3" (clamped to [-10, 10]);
     a "+" suffix keeps the value and uses k2's gradient. `steer` (a SteerConfig) reweights the policy
     loss per token (old_entropy defaults to the current entropy, detached). No [B, T, V] tensor exists.
-    process_group / vocab_start / reduce_grad_hidden: `weight` (and `bias`) is this rank's vocabulary shard
+    vocab_parallel: `weight` (and `bias`) is this rank's vocabulary shard
     of a vocabulary-parallel lm-head, as in `linear_logprobs`; every other input is the same on all ranks,
     and so are the loss and stats; weight/bias get this shard's gradient, hidden the full one.
 
@@ -328,8 +328,7 @@ def linear_grpo_loss(
     inv_divisor = 1.0 / _divisor(agg, m, max_len, normalizer)
 
     # 1. fused per-token log-probs / entropy (masked tokens cost no vocabulary work)
-    ignore = -100
-    y = torch.where(m > 0, targets, torch.full_like(targets, ignore))
+    y = torch.where(m > 0, targets, torch.full_like(targets, IGNORE_INDEX))
     moments = steer is not None and steer.mode == "exact"
     lp_params = make_params(
         hidden,
@@ -338,12 +337,10 @@ def linear_grpo_loss(
         bias,
         temperature,
         softcap,
-        ignore,
+        IGNORE_INDEX,
         backend,
         moments,
-        process_group=process_group,
-        vocab_start=vocab_start,
-        reduce_grad_hidden=reduce_grad_hidden,
+        vocab_parallel=vocab_parallel,
     )
     lp, ent, p2, p2logp = fused_token_stats(hidden, weight, bias, y, lp_params)
 

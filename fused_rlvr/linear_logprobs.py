@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -11,8 +11,8 @@ from fused_rlvr import _torch_backend, _triton_backend
 from fused_rlvr._kernels import triton_available
 from fused_rlvr._partials import finalize
 from fused_rlvr._validation import check_linear_inputs, positive_finite
-from fused_rlvr.distributed import VocabShard, vocab_shard
-from fused_rlvr.types import TokenStats
+from fused_rlvr.types import IGNORE_INDEX, TokenStats
+from fused_rlvr.vocab_parallel import VocabParallel, VocabShard, vocab_shard
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class LogprobParams:
 
     temperature: float = 1.0
     softcap: Optional[float] = None
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
     backend: str = "torch"  # "triton" or "torch"
     interpret: bool = False  # Triton kernels run by the interpreter (CPU tensors)
     moments: bool = False  # also return sum p^2 and sum p^2 log p (forward only)
@@ -70,7 +70,7 @@ def forward_stats(hidden, weight, bias, targets, params: LogprobParams) -> dict[
         return {k: torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device) for k in keys}
     if params.shard is None:
         stats = _impl(params).forward(hv, weight, bias, yv, params)
-    else:  # this shard's partials, merged with the other ranks' (fused_rlvr.distributed)
+    else:  # this shard's partials, merged with the other ranks' (fused_rlvr.vocab_parallel)
         part = _impl(params).forward_partials(hv, weight, bias, params.shard.local_targets(yv), params)
         stats = finalize(params.shard.all_reduce_partials(part))
     return {k: _scatter_rows(v, rows, n).view(targets.shape) for k, v in stats.items()}
@@ -157,19 +157,17 @@ def make_params(
     backend,
     moments=False,
     *,
-    process_group: Any = None,
-    vocab_start: Optional[int] = None,
-    reduce_grad_hidden: bool = True,
+    vocab_parallel: Optional[VocabParallel] = None,
 ) -> LogprobParams:
     """Validate the public arguments and build the LogprobParams for them.
 
-    With a process_group, weight/bias are this rank's vocabulary shard: the checks then run on every rank
-    together (fused_rlvr.distributed.vocab_shard) and the params carry the resolved VocabShard.
+    With `vocab_parallel`, weight/bias are this rank's vocabulary shard: the checks then run on every rank
+    together (fused_rlvr.vocab_parallel.vocab_shard) and the params carry the resolved VocabShard.
     """
 
     def local_check():
         check_linear_inputs(
-            hidden, weight, targets, bias, ignore_index, backend, check_targets=process_group is None
+            hidden, weight, targets, bias, ignore_index, backend, check_targets=vocab_parallel is None
         )
         temp = positive_finite("temperature", temperature)
         cap = positive_finite("softcap", softcap, allow_none=True)
@@ -177,27 +175,10 @@ def make_params(
         params = LogprobParams(temp, cap, ignore_index, resolved, interpret, moments)
         return params, (temp, cap, ignore_index, str(hidden.dtype), bias is not None, moments)
 
-    if process_group is None:
-        if vocab_start is not None:
-            raise ValueError(
-                f"vocab_start={vocab_start!r} is only used with process_group (a "
-                "vocabulary-parallel lm-head); pass process_group too or leave vocab_start=None"
-            )
-        if reduce_grad_hidden is not True:
-            raise ValueError(
-                "reduce_grad_hidden=False is only used with process_group (a vocabulary-"
-                "parallel lm-head, whose d_hidden is otherwise all-reduced over the group)"
-            )
+    if vocab_parallel is None:
         return local_check()[0]
     params, shard = vocab_shard(
-        process_group,
-        vocab_start,
-        hidden,
-        weight,
-        targets,
-        ignore_index,
-        local_check=local_check,
-        reduce_grad_hidden=reduce_grad_hidden,
+        vocab_parallel, hidden, weight, targets, ignore_index, local_check=local_check
     )
     return replace(params, shard=shard)
 
@@ -210,12 +191,10 @@ def linear_logprobs(
     bias: Optional[torch.Tensor] = None,
     temperature: float = 1.0,
     softcap: Optional[float] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     return_entropy: bool = True,
     backend: str = "auto",
-    process_group: Any = None,
-    vocab_start: Optional[int] = None,
-    reduce_grad_hidden: bool = True,
+    vocab_parallel: Optional[VocabParallel] = None,
 ) -> TokenStats:
     """Per-token log-probabilities (and entropy) of `targets` under an lm-head, without the [N, V] logits.
 
@@ -240,16 +219,12 @@ def linear_logprobs(
         return_entropy: if False, `TokenStats.entropy` is None.
         backend: "auto" (Triton on CUDA, chunked torch on CPU), "triton" (on CPU: the Triton interpreter),
             or "torch".
-        process_group: vocabulary-parallel lm-head (a ProcessGroup or 1-D DeviceMesh): `weight` and `bias`
-            are this rank's contiguous shard of the rows, hidden states and targets are the same on every
-            rank, and targets are global ids in [0, V_total). The outputs equal the single-process op on the
-            whole weight, on every rank; the gradients are this rank's weight/bias shard and the full
-            d_hidden (all-reduced over the group inside the backward). See `fused_rlvr.distributed`.
-        vocab_start: with process_group (required there), this rank's first vocabulary row: `weight` holds
-            rows [vocab_start, vocab_start + weight.shape[0]). Shards may be uneven and in any rank order,
-            but must tile [0, V_total) exactly.
-        reduce_grad_hidden: with process_group, False leaves d_hidden as this shard's partial sum (for
-            callers that reduce it themselves, e.g. sequence parallelism).
+        vocab_parallel: a `fused_rlvr.VocabParallel(group, vocab_start)` when `weight` and `bias` are this
+            rank's contiguous shard of the rows of an lm-head split over a process group; hidden states and
+            targets (global ids in [0, V_total)) are the same on every rank. The outputs equal the
+            single-process op on the whole weight, on every rank; the gradients are this rank's weight/bias
+            shard and the full d_hidden (all-reduced over the group inside the backward unless
+            `reduce_grad_hidden=False`). See `fused_rlvr.vocab_parallel`.
 
     Under `torch.no_grad()` (or when nothing requires grad) only the forward runs and nothing is saved.
     The target-range check costs a device sync: see `fused_rlvr.set_target_check` to skip it.
@@ -263,9 +238,7 @@ def linear_logprobs(
         softcap,
         ignore_index,
         backend,
-        process_group=process_group,
-        vocab_start=vocab_start,
-        reduce_grad_hidden=reduce_grad_hidden,
+        vocab_parallel=vocab_parallel,
     )
     lp, ent, _, _ = fused_token_stats(hidden, weight, bias, targets, params)
     return TokenStats(lp, ent if return_entropy else None)
@@ -291,16 +264,15 @@ def linear_entropy_moments(
     bias: Optional[torch.Tensor] = None,
     temperature: float = 1.0,
     softcap: Optional[float] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     backend: str = "auto",
-    process_group: Any = None,
-    vocab_start: Optional[int] = None,
+    vocab_parallel: Optional[VocabParallel] = None,
 ) -> dict[str, torch.Tensor]:
-    """No-grad forward with the entropy-change moments (RESEARCH.md section 1).
+    """No-grad forward with the entropy-change moments.
 
     Returns fp32 tensors shaped like targets: logprob, entropy, lse, sum_p2 = sum_v p_v^2 and
     sum_p2_logp = sum_v p_v^2 log p_v — what the first-order entropy-change estimate needs.
-    process_group / vocab_start: a vocabulary-parallel weight shard, as in `linear_logprobs`.
+    vocab_parallel: a vocabulary-parallel weight shard, as in `linear_logprobs`.
     """
     params = make_params(
         hidden,
@@ -312,7 +284,6 @@ def linear_entropy_moments(
         ignore_index,
         backend,
         True,
-        process_group=process_group,
-        vocab_start=vocab_start,
+        vocab_parallel=vocab_parallel,
     )
     return forward_stats(hidden, weight, bias, targets, params)

@@ -62,10 +62,9 @@ class LinearGRPOLoss(torch.nn.Module):
         normalizer=None,
         max_len=None,
         old_entropy=None,
-        process_group=None,
-        vocab_start=None,
+        vocab_parallel=None,
     ) -> tuple[torch.Tensor, GRPOStats]:
-        """process_group / vocab_start: `weight` is this rank's vocabulary shard (see linear_logprobs)."""
+        """vocab_parallel: `weight` is this rank's vocabulary shard (see linear_logprobs)."""
         return linear_grpo_loss(
             hidden,
             weight,
@@ -78,8 +77,7 @@ class LinearGRPOLoss(torch.nn.Module):
             normalizer=normalizer,
             max_len=max_len,
             old_entropy=old_entropy,
-            process_group=process_group,
-            vocab_start=vocab_start,
+            vocab_parallel=vocab_parallel,
             **self.kwargs,
         )
 
@@ -122,10 +120,9 @@ class LinearPACSLoss(torch.nn.Module):
         old_logprobs,
         bias=None,
         normalizer=None,
-        process_group=None,
-        vocab_start=None,
+        vocab_parallel=None,
     ) -> tuple[torch.Tensor, PACSStats]:
-        """process_group / vocab_start: `weight` is this rank's vocabulary shard (see linear_logprobs)."""
+        """vocab_parallel: `weight` is this rank's vocabulary shard (see linear_logprobs)."""
         return linear_pacs_loss(
             hidden,
             weight,
@@ -136,8 +133,7 @@ class LinearPACSLoss(torch.nn.Module):
             old_logprobs=old_logprobs,
             bias=bias,
             normalizer=normalizer,
-            process_group=process_group,
-            vocab_start=vocab_start,
+            vocab_parallel=vocab_parallel,
             **self.kwargs,
         )
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -10,6 +10,8 @@ from fused_rlvr._kernels import kernel_module
 from fused_rlvr._validation import as_mask, check_tensor, non_negative, one_of, per_token, positive_finite
 from fused_rlvr.advantages import group_index
 from fused_rlvr.linear_logprobs import fused_token_stats, make_params
+from fused_rlvr.types import IGNORE_INDEX
+from fused_rlvr.vocab_parallel import VocabParallel
 
 BASELINES = ("rloo", "grpo", "none")
 
@@ -114,9 +116,7 @@ def linear_pacs_loss(
     softcap: Optional[float] = None,
     backend: str = "auto",
     normalizer: Optional[float] = None,
-    process_group: Any = None,
-    vocab_start: Optional[int] = None,
-    reduce_grad_hidden: bool = True,
+    vocab_parallel: Optional[VocabParallel] = None,
 ) -> tuple[torch.Tensor, PACSStats]:
     """PACS loss straight from hidden states [B, T, H] and the lm-head (the authors' code is the default).
 
@@ -124,7 +124,7 @@ def linear_pacs_loss(
     each group (`group_ids` [B], groups may differ in size), then BCE-with-logits against the 0/1
     verifier outcome `rewards` [B]; see `pacs_loss_from_scores`. The gradient w.r.t. each valid token's
     log-prob is beta * (e_i - mean_{j != i} e_j), e_i = w_i (sigmoid(psi_i) - R_i) / N, for rloo.
-    process_group / vocab_start / reduce_grad_hidden: `weight` (and `bias`) is this rank's vocabulary shard
+    vocab_parallel: `weight` (and `bias`) is this rank's vocabulary shard
     of a vocabulary-parallel lm-head, as in `linear_logprobs`; all other inputs are replicated.
     """
     check_tensor("hidden", hidden)
@@ -147,7 +147,7 @@ def linear_pacs_loss(
     one_of("baseline", baseline, BASELINES)
     m = as_mask("mask", mask, b_t)
     old = per_token("old_logprobs", old_logprobs, b_t, allow_none=False)
-    y = torch.where(m > 0, targets, torch.full_like(targets, -100))
+    y = torch.where(m > 0, targets, torch.full_like(targets, IGNORE_INDEX))
     params = make_params(
         hidden,
         weight,
@@ -155,11 +155,9 @@ def linear_pacs_loss(
         bias,
         temperature,
         softcap,
-        -100,
+        IGNORE_INDEX,
         backend,
-        process_group=process_group,
-        vocab_start=vocab_start,
-        reduce_grad_hidden=reduce_grad_hidden,
+        vocab_parallel=vocab_parallel,
     )
     lp, _ent, _, _ = fused_token_stats(hidden, weight, bias, y, params)
     if params.backend == "triton":

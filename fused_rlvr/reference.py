@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fused_rlvr.types import TokenStats
+from fused_rlvr.types import IGNORE_INDEX, TokenStats
 
 
 def reference_logits(
@@ -36,7 +36,7 @@ def reference_logprobs(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     softcap: float | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     moments: bool = False,
 ) -> TokenStats | tuple[torch.Tensor, ...]:
     """log_softmax(logits)[targets] and the softmax entropy, with ignored rows set to 0.

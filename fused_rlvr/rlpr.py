@@ -1,4 +1,4 @@
-"""RLPR: a verifier-free reward from the policy's own probability of the reference answer (RESEARCH.md
+"""RLPR: a verifier-free reward from the policy's own probability of the reference answer (docs/methods.md
 section 5; "RLPR: Extrapolating RLVR to General Domains without Verifiers", code at github.com/OpenBMB/RLPR).
 
 Pipeline: splice the reference answer y* in place of the generated answer (`splice_answer`), run one no-grad

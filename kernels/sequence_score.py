@@ -1,6 +1,6 @@
 """Masked per-sequence log-ratio sums: score_i = scale * sum_t m_t (lp_t - old_t), one program per sequence.
 
-PACS's implicit reward (RESEARCH.md section 4). The backward of the score is a broadcast,
+PACS's implicit reward (docs/methods.md, section 4). The backward of the score is a broadcast,
 d score_i / d lp_t = scale * m_t, done by the caller. Flops and bytes: O(B T).
 """
 

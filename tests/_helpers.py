@@ -1,4 +1,4 @@
-"""Shared test utilities: input builders and the error rules of DESIGN.md."""
+"""Shared test utilities: input builders and the error rules of the tests (CCE's elementwise rule, relative error)."""
 
 from __future__ import annotations
 

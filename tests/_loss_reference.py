@@ -1,4 +1,4 @@
-"""Float64 references for the losses, written from RESEARCH.md's formulas token by token (slow, obvious)."""
+"""Float64 references for the losses, written from the formulas of docs/methods.md token by token (slow, obvious)."""
 
 from __future__ import annotations
 

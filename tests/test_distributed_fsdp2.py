@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 from _helpers import rel_err
 
 import fused_rlvr as F
-from fused_rlvr.distributed import fsdp2_lm_head_call
+from fused_rlvr.fsdp import fsdp2_lm_head_call
 
 WORLD = 2
 B, T, H, V = 3, 5, 16, 37  # V odd: FSDP2 pads the uneven dim-0 shards

@@ -15,9 +15,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("math_verify")
 
 from fused_rlvr import cli  # noqa: E402
-from fused_rlvr.models import tiny_random_model  # noqa: E402
 from fused_rlvr.train import Hook, make_config  # noqa: E402
 from fused_rlvr.train import evaluate as ev  # noqa: E402
+from fused_rlvr.train.models import tiny_random_model  # noqa: E402
 from fused_rlvr.train.tasks import Problem  # noqa: E402
 from fused_rlvr.train.trainer import Trainer  # noqa: E402
 

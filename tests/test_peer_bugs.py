@@ -1,4 +1,4 @@
-"""Regression tests, one per bug that peer kernels shipped (RESEARCH.md section 1)."""
+"""Regression tests, one per bug that peer kernels shipped (docs/methods.md, section 1)."""
 
 import pytest
 import torch

@@ -152,7 +152,7 @@ def test_one_fused_update_equals_materialised_logits_update(tmp_path, kw):
 
 
 def test_dars_rollout_counts_match_the_table():
-    # RESEARCH.md section 5, N = 8: a = 0, 1/8, 2/8, 3/8, >= 1/2
+    # docs/methods.md section 5, N = 8: a = 0, 1/8, 2/8, 3/8, >= 1/2
     assert [dars_extra(c, 8, "et") for c in (0, 1, 2, 3, 4, 5, 8)] == [24, 11, 3, 1, 0, 0, 0]
     assert [dars_extra(c, 8, "hw") for c in (0, 1, 2, 3, 4, 5, 8)] == [56, 24, 8, 3, 0, 0, 0]
     with pytest.raises(ValueError, match="schedule"):
@@ -365,7 +365,7 @@ def test_algorithms_run_with_finite_metrics(tmp_path, kw):
 def test_sampling_ignores_the_models_generation_config():
     # a generation_config.json with top_k / repetition penalty would sample from another distribution than
     # the one the losses score: generate() must use the plain tempered softmax
-    from fused_rlvr.models import tiny_random_model
+    from fused_rlvr.train.models import tiny_random_model
     from fused_rlvr.train.rollout import generate
 
     model, tok = tiny_random_model(0)

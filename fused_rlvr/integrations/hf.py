@@ -25,9 +25,8 @@ import torch
 from torch import nn
 
 from fused_rlvr.linear_logprobs import linear_logprobs
-from fused_rlvr.types import TokenStats
+from fused_rlvr.types import IGNORE_INDEX, TokenStats
 
-IGNORE_INDEX = -100
 # config attributes that rescale the logits in some model families; the fused op has no such term
 _LOGIT_SCALES = ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
 

@@ -21,7 +21,9 @@ any H, any V. To swap them in, replace verl's names before the actor runs its fi
 
 Differences: outputs are fp32 (verl's torch path returns the logits' dtype). verl's tensor-parallel path
 (`dist_process_group`: each rank holds an equal, contiguous vocabulary shard of the weight) maps to the
-vocabulary-parallel op (`process_group=`, `vocab_start = rank * shard rows`).
+vocabulary-parallel op (`VocabParallel(group, vocab_start=rank * shard rows, reduce_grad_hidden=False)`),
+following verl's convention for the hidden-state gradient: its kernel returns each rank's partial
+d_hidden and its Megatron path sums it outside, in the backward of the sequence-parallel gather.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import torch
 
 from fused_rlvr._validation import one_of
 from fused_rlvr.linear_logprobs import linear_logprobs
+from fused_rlvr.types import IGNORE_INDEX
+from fused_rlvr.vocab_parallel import VocabParallel
 
 REDUCTIONS = ("none", "sum", "mean")
 
@@ -47,8 +51,7 @@ def linear_logprobs_entropy(
     softcap: Optional[float] = None,
     ignore_index: Optional[int] = None,
     backend: str = "auto",
-    process_group=None,
-    vocab_start: Optional[int] = None,
+    vocab_parallel: Optional[VocabParallel] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log_probs, entropy) of `labels` under `hidden_states @ weight.T / temperature`, without the logits.
 
@@ -62,11 +65,12 @@ def linear_logprobs_entropy(
     `torch.roll(input_ids, -1, -1)`), outputs fp32 shaped like labels, differentiable w.r.t. hidden_states
     and weight. reduction "sum" / "mean" reduces both outputs over all tokens (over the non-ignored ones for
     "mean"). Extras verl's call lacks: bias, softcap (Gemma-2) and ignore_index (those labels give 0 and cost
-    no vocabulary work). process_group / vocab_start: `weight` is this rank's vocabulary shard (see
-    `fused_rlvr.linear_logprobs`); the outputs are the full-vocabulary values on every rank.
+    no vocabulary work). vocab_parallel: `weight` is this rank's vocabulary shard (a
+    `fused_rlvr.VocabParallel`, see `fused_rlvr.linear_logprobs`); the outputs are the full-vocabulary values
+    on every rank.
     """
     one_of("reduction", reduction, REDUCTIONS)
-    ignore = -100 if ignore_index is None else ignore_index
+    ignore = IGNORE_INDEX if ignore_index is None else ignore_index
     log_probs, entropy = linear_logprobs(
         hidden_states,
         weight,
@@ -77,8 +81,7 @@ def linear_logprobs_entropy(
         ignore_index=ignore,
         return_entropy=True,
         backend=backend,
-        process_group=process_group,
-        vocab_start=vocab_start,
+        vocab_parallel=vocab_parallel,
     )
     if reduction == "none":
         return log_probs, entropy
@@ -100,16 +103,17 @@ def linear_cross_entropy(
 
     With `dist_process_group` (verl's tensor-parallel lm-head) `weight` is this rank's equal, contiguous
     vocabulary shard: rows [rank * V_r, (rank + 1) * V_r) of the full head; `labels` are global token ids.
-    The vocabulary-parallel op checks across ranks that the shards tile the vocabulary.
+    The vocabulary-parallel op checks across ranks that the shards tile the vocabulary. As verl's own
+    kernel, the hidden-state gradient is this rank's partial sum over its shard (verl's Megatron path sums
+    it over the group in the backward of its sequence-parallel gather): no all-reduce happens here.
     """
-    kw = {}
+    vp = None
     if dist_process_group is not None:
         import torch.distributed as dist
 
-        kw = dict(
-            process_group=dist_process_group, vocab_start=dist.get_rank(dist_process_group) * weight.shape[0]
-        )
-    return linear_logprobs_entropy(hidden, weight, labels, temperature, reduction, **kw)
+        start = dist.get_rank(dist_process_group) * weight.shape[0]
+        vp = VocabParallel(dist_process_group, start, reduce_grad_hidden=False)
+    return linear_logprobs_entropy(hidden, weight, labels, temperature, reduction, vocab_parallel=vp)
 
 
 class FusedLinearForPPO(torch.nn.Module):

@@ -15,7 +15,7 @@
    rollouts) without deadlock. Cost: the memory of the full model on each rank during these phases, as with
    FSDP1's summon_full_params. (A reference model, beta > 0, is a full unsharded copy on every rank.)
 3. Update: sharded. The parameters are resharded and every micro-batch's policy loss is computed inside
-   `fused_rlvr.distributed.fsdp2_lm_head_call(model, ...)`: the body and the fused lm-head loss run as one
+   `fused_rlvr.fsdp.fsdp2_lm_head_call(model, ...)`: the body and the fused lm-head loss run as one
    forward of the FSDP2 root, so the fused op sees the gathered [V, H] weight and its gradient is
    reduce-scattered like any other. The whole-batch normaliser is global (token / sequence counts
    all-reduced) and FSDP2 sums the gradients over the ranks (gradient divide factor 1, sum reduction), so
@@ -59,7 +59,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from fused_rlvr.distributed import fsdp2_lm_head_call
+from fused_rlvr.fsdp import fsdp2_lm_head_call
 from fused_rlvr.integrations.hf import last_hidden_states, lm_head
 from fused_rlvr.train import checkpoint
 from fused_rlvr.train.config import TrainConfig, check_compatible

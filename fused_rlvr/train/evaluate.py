@@ -6,7 +6,7 @@ For each model, n responses per held-out problem are sampled at the given temper
 stream for both models) and verified. Reported: unbiased pass@k over a k grid and avg@n; answer-level
 entropy over the distinct final answers of each problem's samples; token-level entropy of the sampled
 responses from the fused op (`sequence_token_stats`: no [tokens x vocab] logits), at the sampling
-temperature; the per-problem P/E/S/O split and SRR, NDR, SDS, NSCR (`fused_rlvr.evaluation.leash_report`);
+temperature; the per-problem P/E/S/O split and SRR, NDR, SDS, NSCR (`fused_rlvr.leash.leash_report`);
 optionally greedy accuracy. Written to --out-dir: per_problem.{csv,md}, summary.{csv,md}, pass_at_k.png,
 samples.jsonl and summary.json.
 
@@ -27,11 +27,11 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from fused_rlvr.evaluation import LeashReport, avg_at_n, default_ks, leash_report, pass_at_k, write_report
 from fused_rlvr.integrations.hf import sequence_token_stats
-from fused_rlvr.models import load_causal_lm
+from fused_rlvr.leash import LeashReport, avg_at_n, default_ks, leash_report, pass_at_k, write_report
 from fused_rlvr.train import checkpoint
 from fused_rlvr.train.config import TrainConfig
+from fused_rlvr.train.models import load_causal_lm
 from fused_rlvr.train.rollout import RolloutBatch, format_prompt, generate
 from fused_rlvr.train.tasks import Problem, Verifier, make_task
 
@@ -255,7 +255,7 @@ def compare_report(
 
 def single_report(problems: list[Problem], samples: ModelSamples, n: int, ks: list[int]) -> LeashReport:
     """pass@k, avg@n, answer and token entropy of one model (no comparison)."""
-    from fused_rlvr.evaluation import answer_entropy
+    from fused_rlvr.leash import answer_entropy
 
     rows = []
     for i, p in enumerate(problems):

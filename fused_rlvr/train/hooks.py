@@ -72,7 +72,7 @@ class Hook:
 
 
 def dars_extra(correct: int, n: int, schedule: str) -> int:
-    """DARS extra rollouts for a prompt with `correct` of `n` pre-rollouts right (RESEARCH.md section 5).
+    """DARS extra rollouts for a prompt with `correct` of `n` pre-rollouts right (docs/methods.md, section 5).
 
     a = correct / n (a = 0 counts as 0.5 / n); only prompts with a < 0.5 get extras.
     Equal treatment ("et"): ceil(n / (4 a (1 - a)) - n), capped at 32 - n.

@@ -1,4 +1,4 @@
-"""The seed papers' methods as trainer hooks (RESEARCH.md section 5), built from the config:
+"""The seed papers' methods as trainer hooks (docs/methods.md, section 5), built from the config:
 
 - reward="rlpr" -> RLPRReward: verifier-free reward, the policy's mean probability of the reference answer
   spliced in place of the generated one, debiased by the initial policy's no-reasoning score (cached per

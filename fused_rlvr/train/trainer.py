@@ -28,13 +28,13 @@ import torch
 from fused_rlvr.advantages import SteerConfig, group_advantages
 from fused_rlvr.grpo import linear_grpo_loss, loss_divisor
 from fused_rlvr.integrations.hf import last_hidden_states, lm_head, sequence_token_stats
-from fused_rlvr.models import load_causal_lm
 from fused_rlvr.pacs import linear_pacs_loss
 from fused_rlvr.train import checkpoint
 from fused_rlvr.train.config import TrainConfig, check_compatible
 from fused_rlvr.train.hooks import DarsHook, Hook, RolloutRequest
 from fused_rlvr.train.methods import build_hooks
 from fused_rlvr.train.metrics import MetricsLog, plot
+from fused_rlvr.train.models import load_causal_lm
 from fused_rlvr.train.rollout import RolloutBatch, format_prompt, generate
 from fused_rlvr.train.tasks import Problem, Verifier, make_task
 

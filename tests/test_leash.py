@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fused_rlvr.evaluation import (
+from fused_rlvr.leash import (
     answer_entropy,
     avg_at_n,
     default_ks,

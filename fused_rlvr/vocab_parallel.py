@@ -1,10 +1,12 @@
-"""Distributed use of the fused ops: a vocabulary-parallel lm-head, and calls through FSDP2-sharded modules.
+"""A vocabulary-parallel lm-head: the fused ops on a weight split by rows over a process group.
 
-Vocabulary parallelism (tensor-parallel lm-head, as in Megatron's vocab-parallel cross-entropy and verl's
-`dist_process_group`). Every rank of `process_group` holds a contiguous shard W[start : start + V_r] of the
-lm-head weight (and the same rows of the bias); hidden states and targets are replicated on all ranks.
-Each rank names its first row (`vocab_start`; no default, so that a full weight passed on every rank, or a
-group other than the one the weight was split over, is an error and not a silently larger vocabulary).
+Pass `vocab_parallel=VocabParallel(group, vocab_start)` to `linear_logprobs`, `linear_entropy_moments`,
+`linear_grpo_loss`, `linear_pacs_loss` or their modules (tensor-parallel lm-head, as in Megatron's
+vocab-parallel cross-entropy and verl's `dist_process_group`). Every rank of `group` holds a contiguous
+shard W[start : start + V_r] of the lm-head weight (and the same rows of the bias); hidden states and
+targets are replicated on all ranks. Each rank names its first row (`vocab_start`; no default, so that a
+full weight passed on every rank, or a group other than the one the weight was split over, is an error and
+not a silently larger vocabulary).
 Shards may be uneven (V not divisible by the group size) and in any order. Per row, each rank streams its
 shard into the online-softmax partials of `fused_rlvr._partials` (max m, S = sum e^(z-m),
 Sd = sum e^(z-m)(z-m), target logit z_y), then
@@ -16,9 +18,9 @@ Backward: each rank recomputes its shard's logit gradient dz_v = g_lp (1[v = y] 
 from the global lse and entropy saved by the forward, so d_weight and d_bias of its shard are complete
 locally (no communication). d_hidden = sum_v dz_v W_v is only a partial sum over the shard: the op
 all-reduces it (SUM, N_valid x H fp32) inside its backward, so every rank's replicated hidden states receive
-the full gradient, exactly as without the split. Pass reduce_grad_hidden=False when the caller reduces it
-(e.g. sequence parallelism, where the all-gather that replicated the hidden states reduce-scatters the
-gradient in its own backward).
+the full gradient, exactly as without the split. Pass VocabParallel(..., reduce_grad_hidden=False) when the
+caller reduces it (e.g. sequence parallelism, where the all-gather that replicated the hidden states
+reduce-scatters the gradient in its own backward).
 
 Checks: each call all-gathers a dozen int64 per rank (one host sync) and raises the same error on every rank
 (so no rank is left waiting in a collective) when the shards do not tile [0, V) exactly, N, H, targets,
@@ -41,6 +43,26 @@ from fused_rlvr._partials import rescale_partials
 from fused_rlvr._validation import target_check_enabled
 
 _NO_TARGET = -1  # local target of a row whose target another rank owns: never matches a column
+
+
+@dataclass(frozen=True)
+class VocabParallel:
+    """Options of a vocabulary-parallel call: `weight` (and `bias`) hold rows [vocab_start, vocab_start +
+    weight.shape[0]) of an lm-head split over the ranks of `group`.
+
+    group: a ProcessGroup or a 1-D DeviceMesh (the tensor-parallel group the weight was split over).
+    vocab_start: this rank's first vocabulary row (no default: a full weight passed on every rank, or the
+        wrong group, is then an error and not a silently larger vocabulary). Shards may be uneven and in any
+        rank order, but must tile [0, V_total) exactly.
+    reduce_grad_hidden: True (default) all-reduces d_hidden over the group inside the backward, so every
+        rank's replicated hidden states get the full gradient; False leaves this shard's partial sum, for
+        callers that reduce it themselves (Megatron / verl sequence parallelism).
+    Fields are checked on every rank together by the call that receives them.
+    """
+
+    group: Any
+    vocab_start: int
+    reduce_grad_hidden: bool = True
 
 
 @dataclass(frozen=True)
@@ -80,7 +102,7 @@ def _as_group(process_group):
     if hasattr(process_group, "get_group") and hasattr(process_group, "ndim"):
         if process_group.ndim != 1:
             raise ValueError(
-                f"process_group must be a ProcessGroup or a 1-D DeviceMesh, got a "
+                f"vocab_parallel.group must be a ProcessGroup or a 1-D DeviceMesh, got a "
                 f"{process_group.ndim}-D DeviceMesh; pass mesh['tp'] (or mesh.get_group('tp'))"
             )
         return process_group.get_group()
@@ -116,30 +138,34 @@ def _local_meta(ok: bool, vocab_start, hidden, weight, targets, ignore_index, co
 
 
 def vocab_shard(
-    process_group,
-    vocab_start: int,
+    options: VocabParallel,
     hidden,
     weight,
     targets,
     ignore_index: int,
     *,
     local_check: Callable[[], tuple[Any, Any]],
-    reduce_grad_hidden: bool = True,
 ) -> tuple[Any, VocabShard]:
     """Run `local_check` (-> (result, config)) and resolve this rank's shard; raise on every rank alike.
 
     `config` is anything whose repr must agree across ranks (temperature, softcap, dtype, ...).
     """
+    if not isinstance(options, VocabParallel):
+        raise TypeError(
+            f"vocab_parallel must be a fused_rlvr.VocabParallel(group, vocab_start) or None, "
+            f"got {type(options).__name__}"
+        )
+    vocab_start, reduce_grad_hidden = options.vocab_start, options.reduce_grad_hidden
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
-            "process_group is given but torch.distributed is not initialized: call "
-            "torch.distributed.init_process_group first, or pass process_group=None"
+            "vocab_parallel is given but torch.distributed is not initialized: call "
+            "torch.distributed.init_process_group first, or pass vocab_parallel=None"
         )
-    group = _as_group(process_group)
+    group = _as_group(options.group)
     rank = dist.get_rank(group)
     if rank < 0:
         raise ValueError(
-            f"this process (global rank {dist.get_rank()}) is not a member of process_group: "
+            f"this process (global rank {dist.get_rank()}) is not a member of vocab_parallel.group: "
             "pass the tensor-parallel group whose ranks hold the vocabulary shards"
         )
     world = dist.get_world_size(group)
@@ -148,11 +174,13 @@ def vocab_shard(
     try:
         if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
             raise ValueError(
-                f"vocab_start must be an int >= 0 with process_group: this rank's first row of "
+                f"vocab_parallel.vocab_start must be an int >= 0: this rank's first row of "
                 f"the lm-head's vocabulary (e.g. rank * V // world_size), got {vocab_start!r}"
             )
         if not isinstance(reduce_grad_hidden, bool):
-            raise TypeError(f"reduce_grad_hidden must be a bool, got {type(reduce_grad_hidden).__name__}")
+            raise TypeError(
+                f"vocab_parallel.reduce_grad_hidden must be a bool, got {type(reduce_grad_hidden).__name__}"
+            )
         result, config = local_check()
     except (TypeError, ValueError) as exc:
         error = exc
@@ -172,7 +200,7 @@ def vocab_shard(
     if failed:
         raise RuntimeError(
             f"vocabulary-parallel call: the input checks failed on rank(s) {failed} of "
-            "process_group (see the error raised there); every rank raises so that none waits "
+            "vocab_parallel.group (see the error raised there); every rank raises so that none waits "
             "in a collective"
         )
 
@@ -182,26 +210,26 @@ def vocab_shard(
     if differ(_N, _H):
         shapes = "; ".join(f"rank {r}: N={row[_N]} rows, H={row[_H]}" for r, row in enumerate(rows))
         raise ValueError(
-            "hidden/targets shapes differ across the ranks of process_group (" + shapes + "): "
+            "hidden/targets shapes differ across the ranks of vocab_parallel.group (" + shapes + "): "
             "a vocabulary-parallel lm-head needs the same (replicated) hidden states and "
-            "targets on every rank; is process_group the tensor-parallel group?"
+            "targets on every rank; is vocab_parallel.group the tensor-parallel group?"
         )
     if differ(_CFG):
         raise ValueError(
             f"temperature, softcap, ignore_index, dtype or bias presence differ across the "
-            f"ranks of process_group (this is rank {rank} with {config!r})"
+            f"ranks of vocab_parallel.group (this is rank {rank} with {config!r})"
         )
     if differ(_VALID, _SUM, _LO, _HI):
         counts = ", ".join(f"rank {r}: {row[_VALID]}" for r, row in enumerate(rows))
         raise ValueError(
-            f"targets differ across the ranks of process_group (valid targets per rank: "
+            f"targets differ across the ranks of vocab_parallel.group (valid targets per rank: "
             f"{counts}); every rank of a vocabulary-parallel group needs the same targets and "
             "hidden states"
         )
     if differ(_GRAD):
         who = [r for r, row in enumerate(rows) if row[_GRAD]]
         raise ValueError(
-            f"hidden requires grad on rank(s) {who} only: every rank of process_group must run "
+            f"hidden requires grad on rank(s) {who} only: every rank of vocab_parallel.group must run "
             "the backward (its d_hidden all-reduce) or none"
         )
 
@@ -212,13 +240,13 @@ def vocab_shard(
     for r in sorted(range(world), key=lambda q: (starts[q], q)):
         if starts[r] > end:
             raise ValueError(
-                f"the vocabulary shards of process_group do not cover rows [{end}, {starts[r]}) "
+                f"the vocabulary shards of vocab_parallel.group do not cover rows [{end}, {starts[r]}) "
                 f"(shards {layout}): every row of the lm-head must be on exactly one rank"
             )
         if starts[r] < end:
             raise ValueError(
-                f"the vocabulary shards of rank {prev} and rank {r} of process_group overlap "
-                f"(shards {layout}); is process_group the group the weight was split over?"
+                f"the vocabulary shards of rank {prev} and rank {r} of vocab_parallel.group overlap "
+                f"(shards {layout}); is vocab_parallel.group the group the weight was split over?"
             )
         end, prev = starts[r] + sizes[r], r
     total = end
@@ -227,45 +255,6 @@ def vocab_shard(
         bad = lo if lo < 0 else hi
         raise ValueError(
             f"targets must lie in [0, {total}) or equal ignore_index={ignore_index}: target "
-            f"{bad} is owned by no rank of process_group (shards {layout})"
+            f"{bad} is owned by no rank of vocab_parallel.group (shards {layout})"
         )
     return result, VocabShard(group, starts[rank], sizes[rank], total, rank, world, reduce_grad_hidden)
-
-
-def fsdp2_lm_head_call(lm_head: torch.nn.Module, fn: Callable[..., Any], *args, **kwargs) -> Any:
-    """`fn(lm_head, *args, **kwargs)` run as the forward of `lm_head`, through `lm_head.__call__`.
-
-    FSDP2 (`torch.distributed.fsdp.fully_shard`) all-gathers a module's sharded parameters in its forward
-    pre-hook, frees them after the forward, and registers the hooks that re-gather them for the backward
-    and reduce-scatter their gradients on the forward's inputs and outputs. A fused loss that reads
-    `lm_head.weight` outside `lm_head(...)` would see a sharded DTensor; through this call, `fn` sees the
-    full [V, H] weight and the weight gradient of the fused op lands, reduce-scattered, in
-    `lm_head.weight.grad` like that of any FSDP2 module. Tensors that need gradients (the hidden states)
-    must be passed in args/kwargs, not captured by `fn`. Example::
-
-        loss, stats = fsdp2_lm_head_call(
-            model.lm_head,
-            lambda head, h: linear_grpo_loss(h, head.weight, targets, adv, mask, bias=head.bias),
-            hidden,
-        )
-
-    Without FSDP it is a plain call of fn (other forward hooks of lm_head run too).
-    """
-    had_own = "forward" in lm_head.__dict__
-    original = lm_head.__dict__.get("forward")
-
-    def restore():
-        if had_own:
-            lm_head.forward = original
-        else:
-            lm_head.__dict__.pop("forward", None)
-
-    def forward(*a, **k):
-        restore()  # fn may call lm_head.forward itself
-        return fn(lm_head, *a, **k)
-
-    lm_head.forward = forward
-    try:
-        return lm_head(*args, **kwargs)
-    finally:
-        restore()

@@ -4,7 +4,7 @@ Pure functions on counts and lists (numpy inside); no model, no trainer. The rep
 counts into a table and a summary, render them as CSV or Markdown, and plot pass@k curves (matplotlib is
 imported only inside `plot_pass_at_k`).
 
-Definitions (RESEARCH.md section 5, "The Invisible Leash"):
+Definitions (docs/methods.md, section 6, "The Invisible Leash"):
 - pass@k = 1 - C(n - c, k) / C(n, k) for a problem with c correct answers among n samples (unbiased).
 - per problem, "solved" by base and by trained give P (both), E (only trained), S (only base), O (neither);
   SRR = P / (P + S), NDR = E / (P + E), SDS = harmonic mean of SRR and NDR, NSCR = (E - S) / (P + E + S).
