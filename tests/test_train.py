@@ -40,7 +40,7 @@ def test_short_run_changes_weights_and_logs_finite_metrics(tmp_path):
     for r in recs[1:]:
         for k in ("reward_mean", "entropy", "approx_kl", "clip_frac_low", "grad_norm", "loss", "time_step"):
             assert math.isfinite(r[k]), (k, r)
-        assert r["n_samples"] == 12 and 0 < r["entropy"] < math.log(len(tr.tok)) + 1e-4
+        assert r["n_samples"] == 12 and 0 < r["entropy"] < math.log(len(tr.policy.tok)) + 1e-4
     assert "eval_accuracy" in recs[0] and "eval_accuracy" in recs[-1]
     for f in ("metrics.csv", "summary.json", "config.json", "samples.jsonl"):
         assert os.path.exists(os.path.join(cfg.out_dir, f)), f
@@ -75,7 +75,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, preset_kw):
 def _reference_update(tr, batch, adv, lr, algorithm):
     """The same update from materialised logits: model(...).logits -> log_softmax -> float64 loss."""
     c = tr.cfg
-    enc = batch.pack(None, tr.pad_id, tr.device)
+    enc = batch.pack(None, tr.policy.pad_id, tr.policy.device)
     logits = tr.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, :-1]
     logp = torch.log_softmax(logits.double() / c.temperature, -1)
     targets = enc["input_ids"][:, 1:]
@@ -124,7 +124,7 @@ def test_one_fused_update_equals_materialised_logits_update(tmp_path, kw):
     tr.optimizer = torch.optim.SGD(tr.params, lr=lr)
     tr.scheduler = torch.optim.lr_scheduler.LambdaLR(tr.optimizer, lambda s: 1.0)
     torch.manual_seed(3)
-    batch = tr._rollouts(tr.task.sample(tr.data_rng, 4))
+    batch = tr.collector.rollouts(tr.context(), tr.task.sample(tr.data_rng, 4))
     batch.rewards = torch.tensor(
         [1.0, 0, 0, 1, 0, 1, 1, 1, 0, 0, 0, 1, 1, 0, 0, 0]
     )  # a signal in every group
@@ -134,8 +134,9 @@ def test_one_fused_update_equals_materialised_logits_update(tmp_path, kw):
         else group_advantages(batch.rewards, batch.group)
     )
     start = params(tr.model)
-    old = tr.score(batch)[0] if tr.cfg.algorithm == "pacs" else None
-    stats = tr._update(batch, adv, old, None)
+    batch.advantages = adv
+    batch.old_logprobs = tr.policy.scorer.logprobs(batch)[0] if tr.cfg.algorithm == "pacs" else None
+    stats = tr.update(batch)
     fused = params(tr.model)
     with torch.no_grad():
         for n, p in tr.model.named_parameters():
@@ -165,7 +166,7 @@ def test_dars_hook_grows_hard_groups_and_drops_uniform_ones(tmp_path):
     seen = {}
 
     class Spy(Hook):
-        def advantages(self, trainer, batch, adv):
+        def advantages(self, ctx, batch, adv):
             seen["sizes"] = torch.bincount(batch.group).tolist()
             seen["rewards"] = [batch.rewards[batch.group == g].tolist() for g in range(batch.n_groups)]
             seen["adv"] = adv.clone()
@@ -186,7 +187,7 @@ def test_dars_hook_grows_hard_groups_and_drops_uniform_ones(tmp_path):
             out.append(1.0 if (g == 0 and k in (0, 9)) or g == 2 or (g == 1 and k == 20) else 0.0)
         return torch.tensor(out)
 
-    tr._verify = fake_verify
+    tr.verify = fake_verify
     rec = tr.train_step()
     assert rec["dars_extra_rollouts"] == 24 + 56
     # group 2 (all right) is dropped; groups 0 and 1 keep their 8 + extra samples
@@ -203,14 +204,14 @@ def test_hook_requests_guided_rollouts_scored_under_the_unguided_prompt(tmp_path
     got = {}
 
     class Guide(Hook):
-        def extra_rollouts(self, trainer, batch):
+        def extra_rollouts(self, ctx, batch):
             return [
                 RolloutRequest(
                     group=1, n=2, gen_prompt="7 + 1 = 8. " + batch.problems[1].question, tag="guided"
                 )
             ]
 
-        def advantages(self, trainer, batch, adv):
+        def advantages(self, ctx, batch, adv):
             got["batch"] = batch
             return adv
 
@@ -219,7 +220,7 @@ def test_hook_requests_guided_rollouts_scored_under_the_unguided_prompt(tmp_path
     b = got["batch"]
     rows = [i for i, t in enumerate(b.tags) if t == "guided"]
     assert len(rows) == 2 and all(int(b.group[i]) == 1 for i in rows)
-    enc = b.pack(torch.tensor(rows), tr.pad_id, tr.device)
+    enc = b.pack(torch.tensor(rows), tr.policy.pad_id, tr.policy.device)
     prompt = b.prompt_ids[1]
     assert enc["input_ids"][0, : len(prompt)].tolist() == prompt  # scored under the group's own prompt
 
@@ -382,22 +383,27 @@ def test_sampling_ignores_the_models_generation_config():
 
 
 def test_checkpoint_pruning_keeps_the_new_one_and_drops_abandoned_later_steps(tmp_path):
-    from fused_rlvr.train import checkpoint
+    from fused_rlvr.train.checkpoint import Checkpointer
 
     root = str(tmp_path / "ck")
+
+    def steps():
+        return sorted(d for d in os.listdir(root) if d.startswith("step_"))
+
     for step in (10, 20, 30):
-        checkpoint.save(root, step, {"step": step}, keep=1)
-    assert sorted(os.listdir(root)) == ["latest", "step_000030"]
+        Checkpointer(root, keep=1).save(step, {"step": step})
+    assert steps() == ["step_000030"]
     # a resume from an older checkpoint that saves step 25: step 30 belongs to the abandoned run
-    checkpoint.save(root, 25, {"step": 25}, keep=2)
-    assert sorted(os.listdir(root)) == ["latest", "step_000025"]
-    checkpoint.save(root, 25, {"step": 26}, keep=2)  # re-saving a step replaces it
-    assert checkpoint.load(checkpoint.latest(root))["step"] == 26
+    Checkpointer(root, keep=2).save(25, {"step": 25})
+    assert steps() == ["step_000025"]
+    ck = Checkpointer(root, keep=2)
+    ck.save(25, {"step": 26})  # re-saving a step replaces it
+    assert ck.load(ck.latest())[0]["step"] == 26
 
 
 def test_no_heldout_problems_and_resume_with_a_new_lr(tmp_path):
     s = Trainer(tiny(tmp_path, "e", n_eval=0, steps=1), hooks=[DigitReward()]).train()
     assert s["before"]["n"] == 0 and math.isnan(s["after"]["accuracy"])
     tr = Trainer(tiny(tmp_path, "e", steps=2, resume=True, lr=0.5), hooks=[DigitReward()])
-    tr.load(tr.ckpt_root + "/step_000001")
+    tr.load(os.path.join(tr.checkpointer.root, "step_000001"))
     assert tr.optimizer.param_groups[0]["lr"] == 0.5

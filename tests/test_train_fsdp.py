@@ -1,8 +1,12 @@
-"""The FSDP2 trainer (fused_rlvr.train.distributed) on 2 gloo CPU processes and a tiny random Llama.
+"""The trainer under FSDP2 (fused_rlvr.train.parallel.FSDP2) on 2 gloo CPU processes and a tiny random Llama.
 
 - One training step on 2 ranks (fixed rollouts, uneven groups so that the ranks run different numbers of
   micro-batches) gives the same updated weights, loss and gradient norm as the single-process Trainer's step
   on the full batch (SGD, so that a wrong gradient scale is not hidden by Adam's normalisation).
+- The same for whole steps whose rollouts depend only on the prompt (a scripted generator): with refills
+  after dropped groups (the ranks miss different numbers of groups, and must run the same refill rounds), and
+  with guidance='dpo' (a DPO loss through the root forward on one rank, a zero pass on the other).
+- A save with keep_checkpoints=1 next to a stale later step folder keeps the checkpoint it wrote.
 - A run interrupted by SIGINT on rank 1 only stops both ranks after the same step and saves a sharded
   checkpoint (torch.distributed.checkpoint); resumed in fresh processes it ends exactly where the
   uninterrupted 4-step run ends (weights, metrics).
@@ -30,7 +34,7 @@ pytest.importorskip("math_verify")
 
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
-from _train_helpers import DigitReward, params, tiny_config  # noqa: E402
+from _train_helpers import DigitReward, params, scripted_generate, tiny_config  # noqa: E402
 
 from fused_rlvr.train import Hook  # noqa: E402
 from fused_rlvr.train.rollout import RolloutBatch  # noqa: E402
@@ -47,8 +51,24 @@ CASES = {
     "kl-2-epochs": {"beta": 0.1, "epochs": 2, "micro_batch": 16, "grad_clip": 0.0, "entropy_coef": 0.01},
     # rank 0's groups are uniform and dropped: it joins rank 1's update with zero-weighted dummy passes
     "rank0-empty": {"drop_uniform_groups": True, "micro_batch": 4, "grad_clip": 1e6},
+    # the same with old log-probs: rank 1 scores its samples on the gathered model, rank 0 has none to score
+    "rank0-empty-2-epochs": {"drop_uniform_groups": True, "epochs": 2, "micro_batch": 4, "grad_clip": 1e6},
 }
-UNIFORM = {"rank0-empty": (0, 1)}  # groups whose rewards are all 1
+UNIFORM = {"rank0-empty": (0, 1), "rank0-empty-2-epochs": (0, 1)}  # groups whose rewards are all 1
+# whole steps on scripted rollouts: (config, the generator's digit-first probabilities (plain, guided))
+STEP_CASES = {
+    "refill": (
+        {"drop_uniform_groups": True, "refill_rounds": 3, "micro_batch": 3, "grad_clip": 1e6},
+        (0.3, None),
+    ),
+    # DPO pairs in a group of each rank (the loss is the mean over the pairs of both)
+    "dpo": ({"guidance": "dpo", "guidance_samples": 2, "micro_batch": 4, "grad_clip": 1e6}, (0.15, 0.8)),
+    # DPO pairs on rank 0 only: rank 1 pads the DPO forward with a zero pass
+    "dpo-one-rank": (
+        {"guidance": "dpo", "guidance_samples": 2, "micro_batch": 4, "grad_clip": 0.0},
+        (0.3, 0.8),
+    ),
+}
 
 
 def tiny(out_dir, **kw):
@@ -61,10 +81,31 @@ class SignalOnRank(Hook):
     def __init__(self, at_step, rank):
         self.at_step, self.rank = at_step, rank
 
-    def extra_rollouts(self, trainer, batch):
-        if trainer.step + 1 == self.at_step and getattr(trainer, "rank", 0) == self.rank:
+    def extra_rollouts(self, ctx, batch):
+        if ctx.step + 1 == self.at_step and dist.is_initialized() and dist.get_rank() == self.rank:
             os.kill(os.getpid(), signal.SIGINT)
         return []
+
+
+class Candidates(Hook):
+    """Counts the candidate groups the filters see (the first groups and the refills)."""
+
+    def __init__(self):
+        self.n = 0
+
+    def keep_groups(self, ctx, batch):
+        self.n += batch.n_groups
+        return None
+
+
+class DigitVerifier:
+    """Correct when the response starts with a digit (a verifier for scripted rollouts)."""
+
+    def __call__(self, text, answer):
+        return float(text[:1].isdigit())
+
+    def final_answer(self, text):
+        return None
 
 
 def fixed_batch(tr, uniform=()) -> RolloutBatch:
@@ -72,7 +113,8 @@ def fixed_batch(tr, uniform=()) -> RolloutBatch:
     reward signal in every group except those in `uniform` (all rewards 1)."""
     g = torch.Generator().manual_seed(11)
     problems = list(tr.heldout[: len(GROUP_SIZES)])
-    vocab = len(tr.tok)
+    tok = tr.policy.tok
+    vocab = len(tok)
     response_ids, group, rewards = [], [], []
     for k, size in enumerate(GROUP_SIZES):
         for j in range(size):
@@ -83,26 +125,35 @@ def fixed_batch(tr, uniform=()) -> RolloutBatch:
             rewards.append(1.0 if k in uniform else r)
     return RolloutBatch(
         problems=problems,
-        prompt_ids=[tr.prompt_ids(p.question) for p in problems],
+        prompt_ids=[tr.policy.prompt_ids(p.question) for p in problems],
         group=torch.tensor(group),
         response_ids=response_ids,
-        texts=[tr.tok.decode(r) for r in response_ids],
+        texts=[tok.decode(r) for r in response_ids],
         truncated=torch.zeros(len(group), dtype=torch.bool),
         rewards=torch.tensor(rewards),
         tags=["base"] * len(group),
     )
 
 
-def sgd_step(tr, batch) -> dict:
-    """One train_step with SGD at a constant LR on the given rollouts (the groups of this rank)."""
+def sgd_step(tr, batch=None) -> dict:
+    """One train_step with SGD at a constant LR, on the given rollouts (the groups of this rank) if any."""
     tr.optimizer = torch.optim.SGD(tr.params, lr=LR)
     tr.scheduler = torch.optim.lr_scheduler.LambdaLR(tr.optimizer, lambda s: 1.0)
-    tr._rollouts = lambda problems: batch
+    if batch is not None:
+        tr.collector.rollouts = lambda ctx, problems: batch
     return tr.train_step()
 
 
+def scripted(tr, case):
+    """`tr` with the scripted generator and verifier of STEP_CASES[case]."""
+    plain, guided = STEP_CASES[case][1]
+    tr.policy.generate = scripted_generate(tr.policy.tok, tr.cfg.max_new_tokens, plain, guided)
+    tr.verifier = DigitVerifier()
+    return tr
+
+
 def _worker(rank, init_file, tmp, phase):
-    from fused_rlvr.train.distributed import DistributedTrainer
+    from fused_rlvr.train.trainer import Trainer
 
     dist.init_process_group(
         "gloo",
@@ -116,30 +167,47 @@ def _worker(rank, init_file, tmp, phase):
     try:
         if phase == "a":
             try:
-                DistributedTrainer(tiny(os.path.join(tmp, "bad"), prompts_per_step=3))
+                Trainer(tiny(os.path.join(tmp, "bad"), prompts_per_step=3, fsdp=True))
             except ValueError as exc:
                 res["config_error"] = str(exc)
             for name, kw in CASES.items():
-                tr = DistributedTrainer(tiny(os.path.join(tmp, name), **kw))
+                tr = Trainer(tiny(os.path.join(tmp, name), fsdp=True, **kw))
                 full = fixed_batch(tr, UNIFORM.get(name, ()))
                 mine = torch.arange(rank * 2, rank * 2 + 2)
                 rec = sgd_step(tr, full.select(torch.nonzero(torch.isin(full.group, mine)).flatten()))
                 res[name] = {"params": params(tr.model), "rec": rec}
                 tr.close()
-            tr = DistributedTrainer(
-                tiny(os.path.join(tmp, "full")), hooks=[DigitReward(), SignalOnRank(-1, 1)]
+            for name, (kw, _) in STEP_CASES.items():
+                seen = Candidates()
+                tr = scripted(Trainer(tiny(os.path.join(tmp, name), fsdp=True, **kw), hooks=[seen]), name)
+                rec = sgd_step(tr)
+                local = {k: v for h in tr.hooks for k, v in h.metrics().items()}  # this rank's, unmerged
+                res[name] = {"params": params(tr.model), "rec": rec, "candidates": seen.n, "local": local}
+                tr.close()
+            tr = Trainer(tiny(os.path.join(tmp, "stale"), fsdp=True, keep_checkpoints=1))
+            root = tr.checkpointer.root
+            if rank == 0:  # a later step folder left by an abandoned run
+                os.makedirs(os.path.join(root, "step_000009"))
+            dist.barrier()
+            tr.step = 1
+            res["stale_saved"] = tr.save()
+            res["stale_dirs"] = sorted(d for d in os.listdir(root) if d.startswith("step_"))
+            tr.close()
+            tr = Trainer(
+                tiny(os.path.join(tmp, "full"), fsdp=True), hooks=[DigitReward(), SignalOnRank(-1, 1)]
             )
             res["full_summary"] = tr.train()
             res["full"] = params(tr.model)
             tr.close()
-            tr = DistributedTrainer(
-                tiny(os.path.join(tmp, "part")), hooks=[DigitReward(), SignalOnRank(2, 1)]
+            tr = Trainer(
+                tiny(os.path.join(tmp, "part"), fsdp=True), hooks=[DigitReward(), SignalOnRank(2, 1)]
             )
             res["part_summary"] = tr.train()
             tr.close()
         else:
-            tr = DistributedTrainer(
-                tiny(os.path.join(tmp, "part"), resume=True), hooks=[DigitReward(), SignalOnRank(-1, 1)]
+            tr = Trainer(
+                tiny(os.path.join(tmp, "part"), resume=True, fsdp=True),
+                hooks=[DigitReward(), SignalOnRank(-1, 1)],
             )
             res["resumed_summary"] = tr.train()
             res["resumed"] = params(tr.model)
@@ -195,6 +263,40 @@ def test_two_rank_step_equals_single_process_step(runs, tmp_path, case):
     assert abs(got["rec"]["loss"] - rec["loss"]) <= 1e-5 * max(1.0, abs(rec["loss"]))
     if CASES[case]["grad_clip"] > 0:  # the global gradient norm, not a rank's
         assert abs(got["rec"]["grad_norm"] - rec["grad_norm"]) <= 1e-5 * rec["grad_norm"]
+
+
+@pytest.mark.parametrize("case", list(STEP_CASES))
+def test_two_rank_scripted_step_equals_single_process_step(runs, tmp_path, case):
+    seen = Candidates()
+    tr = scripted(Trainer(tiny(tmp_path, **STEP_CASES[case][0]), hooks=[seen]), case)
+    start = params(tr.model)
+    rec = sgd_step(tr)
+    ref = params(tr.model)
+    got = runs["a"][0][case]
+    moved = max(float((ref[n] - start[n]).abs().max()) for n in ref)
+    assert moved > 1e-3  # the step is not trivially zero
+    for n in ref:
+        err = float((got["params"][n] - ref[n]).abs().max())
+        assert err <= 1e-5, f"{case} {n}: max abs diff {err:.2e} (step moved weights by up to {moved:.2e})"
+    keys = ("n_samples", "n_groups", "groups_dropped", "refill_rounds", "dpo_pairs", "guided_groups")
+    assert {k: got["rec"].get(k) for k in keys} == {k: rec.get(k) for k in keys}
+    assert abs(got["rec"]["loss"] - rec["loss"]) <= 1e-5 * max(1.0, abs(rec["loss"]))
+    if case == "refill":
+        # the ranks refilled different numbers of groups, in the same number of rounds, and drew together the
+        # prompts the single process drew
+        assert rec["refill_rounds"] >= 1 and rec["groups_dropped"] >= 1
+        candidates = [res["refill"]["candidates"] for res in runs["a"]]
+        assert candidates[0] != candidates[1] and sum(candidates) == seen.n
+    else:
+        pairs = [res[case]["local"]["dpo_pairs"] for res in runs["a"]]
+        assert sum(pairs) == rec["dpo_pairs"] and (
+            pairs[1] == 0 if case == "dpo-one-rank" else min(pairs) > 0
+        )
+
+
+def test_save_keeps_the_checkpoint_it_wrote_next_to_a_stale_later_one(runs):
+    for res in runs["a"]:
+        assert os.path.isdir(res["stale_saved"]) and res["stale_dirs"] == ["step_000001"]
 
 
 def test_sharded_checkpoint_resumes_exactly(runs):

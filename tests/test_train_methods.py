@@ -1,5 +1,8 @@
 """The seed papers' methods as trainer hooks, on a tiny random model (no download): RLPR's reward and std
-filter with refill, VERL's rank shaping, Agent-RLVR's guidance (GRPO and DPO forms), and exact resumes."""
+filter with refill, VERL's rank shaping, Agent-RLVR's guidance (GRPO and DPO forms), and exact resumes.
+
+A hook's own behaviour is tested with a StepContext of a policy and no Trainer (`HookBench`); its effect on
+a training step with the Trainer."""
 
 from __future__ import annotations
 
@@ -14,22 +17,22 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("math_verify")
 
-from _train_helpers import DigitReward, SignalAt, params, tiny_config  # noqa: E402
+from _train_helpers import DigitReward, HookBench, SignalAt, params, tiny_config  # noqa: E402
 
 from fused_rlvr.dpo import dpo_loss  # noqa: E402
 from fused_rlvr.effective_rank import EffectiveRankShaper, erv_era  # noqa: E402
 from fused_rlvr.integrations.hf import last_hidden_states, sequence_token_stats  # noqa: E402
 from fused_rlvr.train import Hook, make_config  # noqa: E402
-from fused_rlvr.train.methods import (  # noqa: E402
+from fused_rlvr.train.hooks import (  # noqa: E402
     GuidanceHook,
     RankShapingHook,
     RLPRReward,
     StdFilterHook,
-    plan_hint,
+    build_hooks,
     splice_reference,
 )
 from fused_rlvr.train.rollout import RolloutBatch, format_prompt  # noqa: E402
-from fused_rlvr.train.tasks import ArithmeticTask, Problem  # noqa: E402
+from fused_rlvr.train.tasks import ArithmeticTask, Problem, plan_hint  # noqa: E402
 from fused_rlvr.train.trainer import Trainer  # noqa: E402
 
 P_SUM = Problem("47 + 25", "What is 47 + 25?", "72")
@@ -41,8 +44,8 @@ def tiny(tmp_path, name="run", **kw):
     return tiny_config(tmp_path / name, **{"n_eval": 4, **kw})
 
 
-def hook_of(tr, cls):
-    (h,) = [h for h in tr.hooks if isinstance(h, cls)]
+def hook_of(hooks, cls):
+    (h,) = [h for h in getattr(hooks, "hooks", hooks) if isinstance(h, cls)]
     return h
 
 
@@ -69,19 +72,21 @@ def materialised_logprobs(model, enc, temperature=1.0):
 
 # ------------------------------------------------------------------------------------------------ guidance
 def test_guidance_adds_guided_samples_to_failed_groups_only_scored_under_the_unguided_prompt(tmp_path):
-    tr = Trainer(tiny(tmp_path, guidance="grpo", guidance_samples=3))
-    tr.verifier = StubVerifier(lambda text, answer: answer == "7", final="13")  # group 0 right, 1 and 2 wrong
+    cfg = tiny(tmp_path, guidance="grpo", guidance_samples=3)
+    # group 0 right, 1 and 2 wrong
+    tr = HookBench(cfg, StubVerifier(lambda text, answer: answer == "7", final="13"))
     prompts_seen = []
-    generate = tr._generate
+    generate = tr.policy.generate
 
-    def spy(prompts, greedy=False):
+    def spy(prompts, greedy=False, on_batch=None):
         prompts_seen.append(prompts)
         return generate(prompts, greedy)
 
-    tr._generate = spy
-    hook = hook_of(tr, GuidanceHook)
-    batch = tr._rollouts([P_SMALL, P_SUM, P_MUL])
-    requests = hook.extra_rollouts(tr, batch)
+    tr.policy.generate = spy
+    hook = hook_of(build_hooks(cfg), GuidanceHook)
+    ctx = tr.ctx()
+    batch = tr.rollouts([P_SMALL, P_SUM, P_MUL])
+    requests = hook.extra_rollouts(ctx, batch)
     assert [(r.group, r.n, r.tag) for r in requests] == [(1, 3, "guided"), (2, 3, "guided")]
     # the guided prompt: the question, the verifier's feedback, a plan hint, the usual suffix
     g1, g2 = requests[0].gen_prompt, requests[1].gen_prompt
@@ -91,21 +96,21 @@ def test_guidance_adds_guided_samples_to_failed_groups_only_scored_under_the_ung
     )
     assert "Plan: 6 * 8 = 6 * 7 + 6. First 6 * 7 = 42; then add 6." in g2 and "48" not in g2
     hook.hint = False  # guidance_hint=False: the verifier's feedback only
-    assert hook.guided_prompt(tr, batch, 1) == "What is 47 + 25?\nYour previous answer, 13, is wrong." + (
+    assert hook.guided_prompt(ctx, batch, 1) == "What is 47 + 25?\nYour previous answer, 13, is wrong." + (
         tr.cfg.prompt_suffix
     )
     hook.hint = True
-    tr._extra_rollouts(batch, requests)
+    tr.collector.extra_rollouts(ctx, batch, requests)
     guided = [i for i, t in enumerate(batch.tags) if t == "guided"]
     assert len(batch) == 12 + 6 and guided == list(range(12, 18))
     assert batch.group[guided].tolist() == [1, 1, 1, 2, 2, 2]  # the failed groups only, 3 each
     assert batch.rewards[guided].tolist() == [0.0] * 6  # verified like the others
     # generated from the guided prompts ...
-    want = [format_prompt(tr.tok, g, "", tr.cfg.system_prompt) for g in (g1,) * 3 + (g2,) * 3]
+    want = [format_prompt(tr.policy.tok, g, "", tr.cfg.system_prompt) for g in (g1,) * 3 + (g2,) * 3]
     assert prompts_seen[1] == want
-    hook.rewards(tr, batch, batch.rewards)
+    hook.rewards(ctx, batch, batch.rewards)
     # ... but packed (hence scored and trained) under the group's own, unguided prompt
-    enc = batch.pack(torch.tensor(guided), tr.pad_id, tr.device)
+    enc = batch.pack(torch.tensor(guided), tr.policy.pad_id, tr.policy.device)
     for j, i in enumerate(guided):
         p = batch.prompt_ids[int(batch.group[i])]
         seq = p + batch.response_ids[i]
@@ -113,8 +118,8 @@ def test_guidance_adds_guided_samples_to_failed_groups_only_scored_under_the_ung
         assert enc["response_mask"][j].tolist() == [0] * len(p) + [1] * len(batch.response_ids[i]) + [0] * (
             enc["input_ids"].shape[1] - len(seq)
         )
-    assert p == tr.prompt_ids(P_MUL.question) and "Plan" not in tr.tok.decode(p)
-    m = hook_of(tr, GuidanceHook).metrics()
+    assert p == tr.policy.prompt_ids(P_MUL.question) and "Plan" not in tr.policy.tok.decode(p)
+    m = hook.metrics()
     assert (m["guided_groups"], m["guided_samples"], m["guided_success_rate"]) == (2.0, 6.0, 0.0)
     assert m["guided_group_frac"] == pytest.approx(2 / 3)
 
@@ -136,32 +141,34 @@ def test_plan_hint_breaks_the_problem_down_without_stating_the_answer():
 
 
 def test_guidance_dpo_loss_equals_dpo_loss_on_the_pairs(tmp_path):
-    tr = Trainer(tiny(tmp_path, guidance="dpo", guidance_samples=2, dpo_beta=0.2, dpo_coef=0.5))
+    cfg = tiny(tmp_path, guidance="dpo", guidance_samples=2, dpo_beta=0.2, dpo_coef=0.5)
     # a guided sample succeeds when its text is "OK"; group 2 (6 * 8) succeeds without guidance
-    tr.verifier = StubVerifier(lambda text, answer: text == "OK" or answer == "48")
-    batch = tr._rollouts([P_SMALL, P_SUM, P_MUL])
-    hook = hook_of(tr, GuidanceHook)
-    tr._extra_rollouts(batch, hook.extra_rollouts(tr, batch))
+    tr = HookBench(cfg, StubVerifier(lambda text, answer: text == "OK" or answer == "48"))
+    ctx = tr.ctx()
+    batch = tr.rollouts([P_SMALL, P_SUM, P_MUL])
+    hook = hook_of(build_hooks(cfg), GuidanceHook)
+    tr.collector.extra_rollouts(ctx, batch, hook.extra_rollouts(ctx, batch))
     assert batch.tags[12:] == ["guided"] * 4 and batch.group[12:].tolist() == [0, 0, 1, 1]
     batch.texts[12] = batch.texts[14] = batch.texts[15] = "OK"  # group 0: 1 success, group 1: 2
-    chosen, rejected = hook.pairs(tr, batch)
+    chosen, rejected = hook.pairs(ctx, batch)
     assert chosen.tolist() == [12, 14, 15] and rejected.tolist() == [0, 4, 5]
     adv = torch.arange(len(batch), dtype=torch.float32) + 1
-    out = hook.advantages(tr, batch, adv)  # takes the reference log-probs (pre-update policy)
+    out = hook.advantages(ctx, batch, adv)  # takes the reference log-probs (pre-update policy)
     assert out[batch.group < 2].eq(0).all() and torch.equal(out[batch.group == 2], adv[batch.group == 2])
     rows = torch.cat([chosen, rejected])
-    enc = batch.pack(rows, tr.pad_id, tr.device)
+    model, params_ = tr.policy.model, tr.policy.params
+    enc = batch.pack(rows, tr.policy.pad_id, tr.policy.device)
     with torch.no_grad():
-        ref = materialised_logprobs(tr.model, enc).sum(1)
-        for p in tr.params:  # an optimizer step happens between the rollout and this loss
+        ref = materialised_logprobs(model, enc).sum(1)
+        for p in params_:  # an optimizer step happens between the rollout and this loss
             p.add_(0.05 * torch.randn_like(p))
-    loss = hook.extra_loss(tr, batch)
-    pol = materialised_logprobs(tr.model, enc).sum(1)
+    loss = hook.extra_loss(ctx, batch)
+    pol = materialised_logprobs(model, enc).sum(1)
     want, _ = dpo_loss(pol[:3], pol[3:], ref[:3], ref[3:], beta=0.2)
     assert loss.requires_grad and abs(float(loss.detach()) - 0.5 * float(want.detach())) < 1e-5
     assert abs(float(want.detach()) - math.log(2)) > 1e-3  # the policy moved away from the reference
-    g = torch.autograd.grad(loss, tr.params)
-    g_want = torch.autograd.grad(0.5 * want, tr.params)
+    g = torch.autograd.grad(loss, params_)
+    g_want = torch.autograd.grad(0.5 * want, params_)
     for a, b in zip(g, g_want):
         torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-6)
     m = hook.metrics()
@@ -181,12 +188,12 @@ def test_guidance_dpo_runs_through_the_trainer(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- RLPR
-def _char_batch(tr, problem, responses):
-    tok = tr.tok
+def _char_batch(policy, problem, responses):
+    tok = policy.tok
     ids = [tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in responses]
     return RolloutBatch(
         problems=[problem],
-        prompt_ids=[tr.prompt_ids(problem.question)],
+        prompt_ids=[policy.prompt_ids(problem.question)],
         group=torch.zeros(len(ids), dtype=torch.long),
         response_ids=ids,
         texts=[tok.decode(i, skip_special_tokens=True) for i in ids],
@@ -207,31 +214,33 @@ def _mean_prob(model, tok, ids, answer_from):
 
 
 def test_rlpr_reward_is_the_mean_probability_of_the_spliced_answer_minus_cached_score_a(tmp_path):
-    tr = Trainer(tiny(tmp_path, reward="rlpr"))
-    hook = hook_of(tr, RLPRReward)
-    tok, model = tr.tok, tr.model
+    cfg = tiny(tmp_path, reward="rlpr")
+    tr = HookBench(cfg)
+    policy = tr.policy
+    hook = hook_of(build_hooks(cfg, policy.frozen_copy()), RLPRReward)
+    tok, model, ctx = policy.tok, policy.model, tr.ctx()
     initial = params(model)
-    batch = _char_batch(tr, P_SUM, [" 5 + 9 = 12.", "no number", "7"])
+    batch = _char_batch(policy, P_SUM, [" 5 + 9 = 12.", "no number", "7"])
     prompt = batch.prompt_ids[0]
     ref = tok("72", add_special_tokens=False)["input_ids"]
     score_a = _mean_prob(model, tok, prompt + ref, len(prompt))
     head = tok(" 5 + 9 = ", add_special_tokens=False)["input_ids"]
     score_b = _mean_prob(model, tok, prompt + head + ref, len(prompt) + len(head))
-    r = hook.rewards(tr, batch, batch.rewards)
+    r = hook.rewards(ctx, batch, batch.rewards)
     assert hook.score_a == {"What is 47 + 25?\x1f72": pytest.approx(score_a, abs=1e-6)}
     want = [0.9 * max(0.0, score_b - score_a) + 0.1, 0.0, 0.1]  # "7" -> spliced "72": scoreB = scoreA
     torch.testing.assert_close(r, torch.tensor(want), rtol=0, atol=1e-6)
     torch.testing.assert_close(hook.last["score_b"], torch.tensor([score_b, 0.0, score_a]), rtol=0, atol=1e-6)
     # the cached scoreA is what gets subtracted (set it low so the clamp at 0 does not hide the difference)
     hook.score_a["What is 47 + 25?\x1f72"] = 0.001
-    r = hook.rewards(tr, batch, batch.rewards)
+    r = hook.rewards(ctx, batch, batch.rewards)
     assert float(r[0]) == pytest.approx(0.9 * (score_b - 0.001) + 0.1, abs=1e-6)
     # a problem first seen after the policy moved is debiased with the INITIAL policy's scoreA
     with torch.no_grad():
-        for p in tr.params:
+        for p in policy.params:
             p.add_(0.1 * torch.randn_like(p))
-    batch2 = _char_batch(tr, P_SMALL, ["9"])
-    hook.rewards(tr, batch2, batch2.rewards)
+    batch2 = _char_batch(policy, P_SMALL, ["9"])
+    hook.rewards(ctx, batch2, batch2.rewards)
     prompt2, ref2 = batch2.prompt_ids[0], tok("7", add_special_tokens=False)["input_ids"]
     moved = _mean_prob(model, tok, prompt2 + ref2, len(prompt2))
     with torch.no_grad():
@@ -290,7 +299,7 @@ class ScriptedRewards(Hook):
         self.script = list(script)
         self.seen = []
 
-    def rewards(self, trainer, batch, rewards):
+    def rewards(self, ctx, batch, rewards):
         groups = self.script.pop(0)
         self.seen.append([p.question for p in batch.problems])
         assert len(groups) == batch.n_groups
@@ -301,12 +310,12 @@ def test_std_filter_drops_low_std_groups_and_refills(tmp_path):
     flat, mixed = [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]
     script = ScriptedRewards([[flat, mixed, flat], [flat, mixed], [flat]])
     tr = Trainer(tiny(tmp_path, rlpr_std_filter=True, refill_rounds=2), hooks=[script])
-    hook = hook_of(tr, StdFilterHook)
+    hook = hook_of(tr.hooks, StdFilterHook)
     hook.filter.ema_mean, hook.last_step = 0.4, tr.step  # threshold 0.5 * 0.4 = 0.2 for this step
     seen = {}
 
     class Spy(Hook):
-        def advantages(self, trainer, batch, adv):
+        def advantages(self, ctx, batch, adv):
             seen["batch"] = batch
             return adv
 
@@ -330,18 +339,19 @@ def test_std_filter_drops_low_std_groups_and_refills(tmp_path):
     std_mixed = float(torch.tensor(mixed).std())
     assert hook.filter.pending_sum == pytest.approx(2 * std_mixed)
     tr.step += 1
-    hook.keep_groups(tr, b)
+    hook.keep_groups(tr.context(), b)
     assert hook.filter.ema_mean == pytest.approx(0.99 * 0.4 + 0.01 * (2 * std_mixed / 6))
 
 
 # ------------------------------------------------------------------------------------------ rank shaping
 def test_rank_shaping_changes_advantages_as_the_shaper_says(tmp_path):
-    tr = Trainer(tiny(tmp_path, rank_shaping=True, max_new_tokens=8))
-    hook = hook_of(tr, RankShapingHook)
-    batch = tr._rollouts([P_SMALL, P_SUM, P_MUL])
-    enc = batch.pack(None, tr.pad_id, tr.device)
+    cfg = tiny(tmp_path, rank_shaping=True, max_new_tokens=8)
+    tr = HookBench(cfg)
+    hook = hook_of(build_hooks(cfg), RankShapingHook)
+    batch = tr.rollouts([P_SMALL, P_SUM, P_MUL])
+    enc = batch.pack(None, tr.policy.pad_id, tr.policy.device)
     with torch.no_grad():  # the rows the fused op receives for the response tokens
-        h = last_hidden_states(tr.model, enc["input_ids"], enc["attention_mask"])[:, :-1]
+        h = last_hidden_states(tr.policy.model, enc["input_ids"], enc["attention_mask"])[:, :-1]
     m = enc["response_mask"][:, 1:].bool()
     dyn = [erv_era(h[i][m[i]]) for i in range(len(batch))]
     er, erv, era = (torch.tensor([d[k] for d in dyn]) for k in range(3))
@@ -350,7 +360,7 @@ def test_rank_shaping_changes_advantages_as_the_shaper_says(tmp_path):
     adv = torch.linspace(-1, 1, len(batch))
     for call in range(3):
         want, st = ref(adv, er, erv, era)
-        got = hook.advantages(tr, batch, adv)
+        got = hook.advantages(tr.ctx(call), batch, adv)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
         assert hook.shaper.mu == pytest.approx(ref.mu) and hook.shaper.calls == call + 1
         if call == 0:

@@ -14,6 +14,9 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
+from fused_rlvr.advantages import ESTIMATORS, SCALES, STEER_MODES
+from fused_rlvr.grpo import AGGREGATIONS, IMPORTANCE, KL_ESTIMATORS
+
 
 def _f(default, help: str, *, choices=None, lo=None, hi=None, lo_open=False):
     return field(
@@ -60,29 +63,20 @@ class TrainConfig:
     )
     gen_batch: int = _f(64, "sequences generated at once", lo=1)
     # --- algorithm
-    algorithm: str = _f("grpo", "policy loss", choices=("grpo", "pacs"))
+    algorithm: str = _f("grpo", "policy loss (fused_rlvr.train.algorithms)", choices=("grpo", "pacs"))
     advantage: str = _f(
-        "grpo", "advantage estimator (grpo: R - mean; rloo: leave-one-out)", choices=("grpo", "rloo")
+        "grpo", "advantage estimator (grpo: R - mean; rloo: leave-one-out)", choices=ESTIMATORS
     )
     adv_scale: str = _f(
         "group",
         "divide advantages by the group std ('group'), the batch std, or not ('none': Dr. GRPO / DARS)",
-        choices=("group", "batch", "none"),
+        choices=SCALES,
     )
     drop_uniform_groups: bool = _f(False, "drop groups whose rewards are all equal (no signal; DAPO / DARS)")
     loss_agg: str = _f(
         "token-mean",
         "loss aggregation (fused_rlvr.linear_grpo_loss's agg)",
-        choices=(
-            "token-mean",
-            "seq-mean-token-mean",
-            "seq-mean-token-sum",
-            "seq-mean-token-sum-norm",
-            "grpo",
-            "bnpo",
-            "dr_grpo",
-            "dapo",
-        ),
+        choices=AGGREGATIONS,
     )
     eps_low: float = _f(0.2, "lower clip range of the ratio", lo=0.0, hi=1.0, lo_open=True)
     eps_high: float = _f(0.28, "upper clip range of the ratio (clip-higher)", lo=0.0, hi=1.0, lo_open=True)
@@ -90,13 +84,13 @@ class TrainConfig:
         None, "dual-clip constant c > 1 for negative advantages (None: off)", lo=1.0, lo_open=True
     )
     importance: str = _f(
-        "token", "importance ratio per token (GRPO) or per sequence (GSPO)", choices=("token", "sequence")
+        "token", "importance ratio per token (GRPO) or per sequence (GSPO)", choices=IMPORTANCE
     )
     beta: float = _f(0.0, "KL penalty weight against the initial (reference) policy", lo=0.0)
-    kl: str = _f("k3", "KL estimator", choices=("k1", "k2", "k3", "k1+", "k2+", "k3+"))
+    kl: str = _f("k3", "KL estimator", choices=KL_ESTIMATORS)
     entropy_coef: float = _f(0.0, "entropy bonus weight", lo=0.0)
     steer: Optional[str] = _f(
-        None, "STEER per-token reweighting mode (None: off)", choices=(None, "exp", "linear", "exact")
+        None, "STEER per-token reweighting mode (None: off)", choices=(None, *STEER_MODES)
     )
     steer_lambda_min: float = _f(0.5, "STEER lower weight bound", lo=0.0)
     pacs_beta: float = _f(1.0, "PACS score scale beta", lo=0.0, lo_open=True)
@@ -106,7 +100,7 @@ class TrainConfig:
         "hardness weighted ('hw') (None: off)",
         choices=(None, "et", "hw"),
     )
-    # --- seed-paper methods (fused_rlvr.train.methods)
+    # --- seed-paper methods (fused_rlvr.train.hooks)
     reward: str = _f(
         "verifier",
         "reward: the task's verifier (0/1), or RLPR's verifier-free reward (the policy's mean probability "
@@ -155,6 +149,12 @@ class TrainConfig:
         0, "linear learning-rate warm-up, in optimizer steps (epochs x minibatches per training step)", lo=0
     )
     grad_clip: float = _f(1.0, "gradient-norm clip (0: off)", lo=0.0)
+    max_bad_updates: int = _f(
+        3,
+        "an optimizer update whose loss or gradient norm is not finite is skipped (optimizer state "
+        "untouched); this many in a row stop the run with an error",
+        lo=1,
+    )
     epochs: int = _f(1, "passes over each rollout batch (DARS-B: 2)", lo=1)
     minibatches: int = _f(1, "optimizer steps per epoch (1: one full-batch update per epoch)", lo=1)
     micro_batch: int = _f(
@@ -197,7 +197,7 @@ class TrainConfig:
     save_every: int = _f(10, "checkpoint every k steps (0: only at the end and on SIGINT/SIGTERM)", lo=0)
     keep_checkpoints: int = _f(2, "checkpoints kept on disk", lo=1)
     resume: bool = _f(False, "continue from the latest checkpoint in out_dir")
-    progress: bool = _f(True, "show a progress bar")
+    progress: bool = _f(True, "show progress bars (held-out evaluations, training steps)")
     log_samples: int = _f(2, "responses printed to samples.jsonl per step", lo=0)
 
     def validate(self) -> TrainConfig:

@@ -29,8 +29,9 @@ import torch
 
 from fused_rlvr.integrations.hf import sequence_token_stats
 from fused_rlvr.leash import LeashReport, avg_at_n, default_ks, leash_report, pass_at_k, write_report
-from fused_rlvr.train import checkpoint
+from fused_rlvr.train.checkpoint import Checkpointer
 from fused_rlvr.train.config import TrainConfig
+from fused_rlvr.train.files import atomic_write_text
 from fused_rlvr.train.models import load_causal_lm
 from fused_rlvr.train.rollout import RolloutBatch, format_prompt, generate
 from fused_rlvr.train.tasks import Problem, Verifier, make_task
@@ -70,14 +71,15 @@ def load_trained_params(model: torch.nn.Module, params: dict[str, torch.Tensor])
 
 
 def _device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    from fused_rlvr.train.trainer import _device, _dtype
+    from fused_rlvr.train.policy import resolve_device as _device
+    from fused_rlvr.train.policy import resolve_dtype as _dtype
 
     dev = _device(device)
     return dev, _dtype(dtype, dev)
 
 
 def run_checkpoint(run_dir: str, checkpoint_dir: Optional[str] = None) -> str:
-    folder = checkpoint_dir or checkpoint.latest(os.path.join(run_dir, "checkpoints"))
+    folder = checkpoint_dir or Checkpointer(os.path.join(run_dir, "checkpoints"), 1).latest()
     if folder is None:
         raise FileNotFoundError(f"run {run_dir!r} has no checkpoint (checkpoints/latest is missing)")
     return folder
@@ -92,7 +94,7 @@ def load_run(
     folder = run_checkpoint(run_dir, checkpoint_dir)
     dev, dt = _device_dtype(device, dtype)
     model, tok = load_causal_lm(cfg.model, device=str(dev), dtype=dt, seed=cfg.seed)
-    load_trained_params(model, checkpoint.load(folder)["model"])
+    load_trained_params(model, Checkpointer(os.path.dirname(folder), 1).load(folder)[0]["model"])
     return model.eval(), tok, cfg, folder
 
 
@@ -358,7 +360,7 @@ def run(args: argparse.Namespace, verifier=None) -> dict[str, Any]:
     base = sample_model(model, tok, problems, **common)
     results = {"base": base}
     if args.run:
-        state = checkpoint.load(folder)["model"]
+        state = Checkpointer(os.path.dirname(folder), 1).load(folder)[0]["model"]
         if base_name != cfg.model:  # another base: build the run's own model for the trained weights
             model, tok = load_causal_lm(cfg.model, device=str(dev), dtype=dt, seed=cfg.seed)
         load_trained_params(model, state)
@@ -396,7 +398,7 @@ def run(args: argparse.Namespace, verifier=None) -> dict[str, Any]:
                         "final_answer": s.answers[i][j],
                     }
                     fh.write(json.dumps(rec) + "\n")
-    checkpoint.atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(report.summary, indent=2))
+    atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(report.summary, indent=2))
     paths.update(
         {
             "samples.jsonl": os.path.join(out_dir, "samples.jsonl"),

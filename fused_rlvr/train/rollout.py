@@ -1,4 +1,8 @@
-"""Rollouts: prompt formatting, sampling with `generate`, and the packed [B, T] batch the losses read.
+"""Rollouts: prompt formatting, sampling with `generate`, and the batch the losses read.
+
+`RolloutBatch` carries everything one training step knows about its samples: the groups, the responses and
+their rewards (phases 1-6), then the trajectory the update reads (advantages, old and reference log-probs;
+phases 7-8). `pack` turns rows of it into the [b, T] tensors of one forward.
 
 Sequences are packed right-padded (prompt tokens, then response tokens, then pad), so positions are plain
 aranges in every forward, exactly as the prompt was seen during generation (generation itself pads on the
@@ -8,6 +12,7 @@ model learns to stop) or at max_new_tokens (then it is `truncated`).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -32,16 +37,35 @@ def format_prompt(tok, question: str, suffix: str, system: Optional[str]) -> lis
 
 @dataclass
 class RolloutBatch:
-    """B sampled responses in groups (one group per prompt; groups may differ in size)."""
+    """B sampled responses in groups (one group per prompt; groups may differ in size), and their trajectory.
+
+    `select`, `select_groups` and `concat` (group filters, refills) carry the rollout fields; the trajectory
+    fields are set after the last of them, by the trainer's phases 7 and 8."""
 
     problems: list[Problem]  # per group
     prompt_ids: list[list[int]]  # per group (the prompt the samples are scored under)
     group: torch.Tensor  # [B] long, group index of each sample
-    response_ids: list[list[int]]  # [B]
+    response_ids: list[list[int]]  # [B] x [L_i] response tokens (EOS kept), L_i <= max_new_tokens
     texts: list[str]  # [B] decoded responses
     truncated: torch.Tensor  # [B] bool
     rewards: torch.Tensor = None  # [B] float, set by the verifier and the reward hooks
     tags: list[str] = field(default_factory=list)  # [B] "base", "dars", "guided", ...
+    # --- trajectory (phases 7-8)
+    advantages: Optional[torch.Tensor] = None  # [B] fp32 (or [B, T-1] on the packed tokens, from a hook)
+    old_logprobs: Optional[list[torch.Tensor]] = None  # [B] x fp32 [L_i]: pre-update policy (None: on-policy)
+    ref_logprobs: Optional[list[torch.Tensor]] = None  # [B] x fp32 [L_i]: initial policy (None: no KL term)
+
+    @classmethod
+    def empty(cls) -> RolloutBatch:
+        return cls(
+            problems=[],
+            prompt_ids=[],
+            group=torch.zeros(0, dtype=torch.long),
+            response_ids=[],
+            texts=[],
+            truncated=torch.zeros(0, dtype=torch.bool),
+            rewards=torch.zeros(0),
+        )
 
     @property
     def n_groups(self) -> int:
@@ -55,6 +79,29 @@ class RolloutBatch:
 
     def response_lengths(self) -> torch.Tensor:
         return torch.tensor([len(r) for r in self.response_ids], dtype=torch.float32)
+
+    def counts(self, rows: torch.Tensor) -> tuple[float, float]:
+        """(response tokens, sequences) of the samples at `rows`: what the whole-batch normalisers count."""
+        return float(sum(len(self.response_ids[int(i)]) for i in rows)), float(len(rows))
+
+    def verified(self, verifier: Callable[[str, str], float], rows: Sequence[int]) -> torch.Tensor:
+        """fp32 [len(rows)]: verifier(response text, reference answer) of the samples at `rows`."""
+        return torch.tensor(
+            [verifier(self.texts[i], self.problems[int(self.group[i])].answer) for i in rows],
+            dtype=torch.float32,
+        )
+
+    @staticmethod
+    def on_tokens(
+        values: Optional[list[torch.Tensor]], rows: torch.Tensor, mask: torch.Tensor
+    ) -> Optional[torch.Tensor]:
+        """Per-sample response values ([B] x [L_i]) scattered into the [b, T-1] layout of `pack(rows)`
+        (mask: its response_mask[:, 1:]), 0 elsewhere; None stays None."""
+        if values is None:
+            return None
+        out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        out[mask.bool()] = torch.cat([values[int(i)] for i in rows]).to(mask.device)
+        return out
 
     def extend(self, group: list[int], response_ids, texts, truncated, tags) -> None:
         self.group = torch.cat([self.group, torch.tensor(group, dtype=torch.long)])
@@ -140,8 +187,13 @@ def generate(
     batch_size: int,
     eos_ids: list[int],
     pad_id: int,
+    on_batch: Optional[Callable[[int], None]] = None,
 ):
-    """Sample one response per prompt (token-id lists). Returns (response_ids, texts, truncated)."""
+    """Sample one response per prompt (token-id lists). Returns (response_ids, texts, truncated).
+
+    Generation runs in chunks of `batch_size` prompts; `on_batch(n)` is called after each (a progress bar).
+    Never synchronises with other processes (`synced_gpus=False`): under FSDP2 every rank generates on its
+    gathered weights, its own number of sequences and tokens."""
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
@@ -170,7 +222,10 @@ def generate(
         )
         try:
             gen = model.generate(
-                input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gc
+                input_ids=ids.to(device),
+                attention_mask=attn.to(device),
+                generation_config=gc,
+                synced_gpus=False,
             )
         finally:
             model.generation_config = own
@@ -181,5 +236,7 @@ def generate(
             out_ids.append(resp)
             truncated.append(cut is None)
             texts.append(tok.decode(resp, skip_special_tokens=True))
+        if on_batch is not None:
+            on_batch(len(chunk))
     model.train(was_training)
     return out_ids, texts, truncated

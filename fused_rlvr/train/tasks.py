@@ -1,4 +1,6 @@
-"""Verifiable tasks: the built-in arithmetic generator, JSONL datasets, and the math-verify checker.
+"""Verifiable tasks: the built-in arithmetic generator, JSONL datasets, the math-verify checker, and the
+task-text helpers the method hooks read (the final number of a response, a plan hint for a question, the
+verifier's feedback on failed attempts).
 
 A task gives a fixed held-out list and an endless, seeded, resumable stream of training problems (the
 stream's position is part of every checkpoint). Answers are checked with `math-verify` (the last number or
@@ -11,6 +13,7 @@ import json
 import os
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,12 +31,13 @@ class ArithmeticTask:
     The mix is picked so SmolLM2-135M-Instruct starts between 10% and 70% held-out accuracy (measured: about
     a third when forced to answer directly, much less when it starts explaining and runs out of tokens). The
     held-out set is the first `n_heldout` distinct problems of a separate seed; training problems are drawn
-    from the same distribution with the held-out ones excluded.
+    from the same distribution with the held-out ones excluded. `eval_problems` (e.g. a JSONL file's)
+    replace the held-out list; training still excludes the generated held-out problems.
     """
 
     name = "arithmetic"
 
-    def __init__(self, seed: int = 0, n_heldout: int = 200):
+    def __init__(self, seed: int = 0, n_heldout: int = 200, eval_problems: Optional[list[Problem]] = None):
         self.seed = seed
         self._heldout = []
         rng = random.Random(10_000 + seed)
@@ -44,6 +48,8 @@ class ArithmeticTask:
                 seen.add(p.question)
                 self._heldout.append(p)
         self._heldout_questions = seen
+        if eval_problems is not None:
+            self._heldout = list(eval_problems)
 
     @staticmethod
     def _draw(rng: random.Random) -> Problem:
@@ -142,10 +148,8 @@ def load_jsonl(path: str) -> list[Problem]:
 
 def make_task(task: str, n_heldout: int, seed: int, eval_path: Optional[str] = None):
     if task == "arithmetic":
-        t = ArithmeticTask(seed=seed, n_heldout=n_heldout)
-        if eval_path:
-            t._heldout = load_jsonl(eval_path)[:n_heldout]
-        return t
+        eval_problems = load_jsonl(eval_path)[:n_heldout] if eval_path else None
+        return ArithmeticTask(seed=seed, n_heldout=n_heldout, eval_problems=eval_problems)
     if task.endswith(".jsonl") or os.path.exists(task):
         return JsonlTask(task, n_heldout=n_heldout, eval_path=eval_path)
     raise ValueError(
@@ -193,3 +197,67 @@ class Verifier:
             return float(bool(self._verify(gold, pred)))
         except Exception:  # math-verify raises on exotic expressions; an unverifiable answer scores 0
             return 0.0
+
+
+# ------------------------------------------------------------------------------------------ task text helpers
+_UNSIGNED = re.compile(r"\d+(?:\.\d+)?")
+_SIGNED = re.compile(r"-?\d+(?:\.\d+)?")
+_EXPRESSION = re.compile(r"(\d+)\s*([-+*])\s*(\d+)")
+
+
+def final_number_span(text: str, reference: str) -> Optional[tuple[int, int]]:
+    """Character span of the last number in `text` (the arithmetic verifier's final answer), or None.
+
+    A leading minus sign belongs to the number only when the reference answer is negative (so "83 - 27"
+    keeps reading as a difference)."""
+    pattern = _SIGNED if reference.strip().startswith("-") else _UNSIGNED
+    last = None
+    for m in pattern.finditer(text):
+        last = m
+    return None if last is None else last.span()
+
+
+def plan_hint(question: str) -> Optional[str]:
+    """A plan for an "a op b" question that breaks it into easier steps and leaves the last one to the
+    model: it never states the final answer (guidance, not the solution).
+
+        "What is 47 + 25?" -> "Plan: 47 + 25 = (47 + 20) + 5. First 47 + 20 = 67; then add 5."
+        "What is 7 * 8?"   -> "Plan: 7 * 8 = 7 * 7 + 7. First 7 * 7 = 49; then add 7."
+
+    Returns None when the question holds no such expression (e.g. a JSONL task): then only the verifier's
+    feedback guides. The hint is built from the question alone, as a tutor or a tool could without knowing
+    the reference answer; if a partial result happened to equal the answer, a generic hint is used."""
+    m = _EXPRESSION.search(question)
+    if m is None:
+        return None
+    a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+    if op == "*":
+        answer = a * b
+        hint = f"Plan: {a} * {b} = {a} * {b - 1} + {a}. First {a} * {b - 1} = {a * (b - 1)}; then add {a}."
+    else:
+        sign = 1 if op == "+" else -1
+        answer = a + sign * b
+        verb = "add" if op == "+" else "take away"
+        if b <= 1:
+            where = "after" if op == "+" else "before"
+            hint = f"Plan: {a} {op} {b} is the number {b} step {where} {a}." if b else None
+        else:
+            b1 = (b // 10) * 10 if b >= 10 and b % 10 else b // 2
+            hint = (
+                f"Plan: {a} {op} {b} = ({a} {op} {b1}) {op} {b - b1}. First {a} {op} {b1} = {a + sign * b1}; "
+                f"then {verb} {b - b1}."
+            )
+    given = set(_UNSIGNED.findall(question))
+    if hint is None or str(answer) in set(_UNSIGNED.findall(hint)) - given:
+        return "Plan: work it out one small step at a time and check each step."
+    return hint
+
+
+def verifier_feedback(verifier: Verifier, failed_texts: list[str]) -> str:
+    """What the verifier can say about failed attempts: the most common wrong final answer, or that none
+    was given (never the reference)."""
+    answers = [a for a in (verifier.final_answer(t) for t in failed_texts) if a is not None]
+    if not answers:
+        return "Your previous attempt did not end with a final number."
+    wrong = Counter(answers).most_common(1)[0][0]
+    return f"Your previous answer, {wrong}, is wrong."
