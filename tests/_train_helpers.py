@@ -85,7 +85,7 @@ def scripted_generate(tok, max_new_tokens, digit_first=0.3, guided_digit_first=N
     prompt came before in the same call (not on any RNG or process): the same rollouts on 1 and N
     processes. A response starts with a digit with probability `digit_first` (`guided_digit_first` when the
     prompt holds a guidance plan)."""
-    chars = [c for c in "abcdefghij +-=." if c.strip()] + [" "]
+    chars = list("abcdefghij+-=. ")
 
     def generate(prompts, greedy=False, on_batch=None):
         seen: dict[tuple, int] = {}

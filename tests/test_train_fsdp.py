@@ -2,10 +2,11 @@
 
 - One training step on 2 ranks (fixed rollouts, uneven groups so that the ranks run different numbers of
   micro-batches) gives the same updated weights, loss and gradient norm as the single-process Trainer's step
-  on the full batch (SGD, so that a wrong gradient scale is not hidden by Adam's normalisation).
+  on the full batch (SGD, so that a wrong gradient scale is not hidden by Adam's normalisation); also when
+  one rank's groups are all dropped, with two epochs (only the other rank scores old log-probs).
 - The same for whole steps whose rollouts depend only on the prompt (a scripted generator): with refills
   after dropped groups (the ranks miss different numbers of groups, and must run the same refill rounds), and
-  with guidance='dpo' (a DPO loss through the root forward on one rank, a zero pass on the other).
+  with guidance='dpo' (DPO pairs on both ranks; on one only, the other joining with a zero pass).
 - A save with keep_checkpoints=1 next to a stale later step folder keeps the checkpoint it wrote.
 - A run interrupted by SIGINT on rank 1 only stops both ranks after the same step and saves a sharded
   checkpoint (torch.distributed.checkpoint); resumed in fresh processes it ends exactly where the
