@@ -30,7 +30,8 @@ import torch
 from fused_rlvr.integrations.hf import sequence_token_stats
 from fused_rlvr.leash import LeashReport, avg_at_n, default_ks, leash_report, pass_at_k, write_report
 from fused_rlvr.train import checkpoint
-from fused_rlvr.train.config import TrainConfig
+from fused_rlvr.train.checkpoint import Checkpointer, CheckpointError
+from fused_rlvr.train.config import ConfigError, TrainConfig, load_config_file
 from fused_rlvr.train.models import load_causal_lm
 from fused_rlvr.train.rollout import RolloutBatch, format_prompt, generate
 from fused_rlvr.train.tasks import Problem, Verifier, make_task
@@ -43,8 +44,7 @@ def read_run_config(run_dir: str) -> TrainConfig:
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{run_dir!r} is not a training run: {path} does not exist")
-    with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
+    data = load_config_file(path)
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -77,10 +77,24 @@ def _device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
 
 
 def run_checkpoint(run_dir: str, checkpoint_dir: Optional[str] = None) -> str:
-    folder = checkpoint_dir or checkpoint.latest(os.path.join(run_dir, "checkpoints"))
+    """`checkpoint_dir`, else the run's newest valid checkpoint (verified; an unusable newer one is reported
+    and skipped)."""
+    folder = checkpoint_dir or Checkpointer(os.path.join(run_dir, "checkpoints"), 1).latest()
     if folder is None:
-        raise FileNotFoundError(f"run {run_dir!r} has no checkpoint (checkpoints/latest is missing)")
+        raise FileNotFoundError(f"run {run_dir!r} has no checkpoint (checkpoints/ holds none)")
     return folder
+
+
+def checkpoint_params(folder: str) -> dict[str, torch.Tensor]:
+    """The trainable parameters (the "model" dict) of a single-process checkpoint folder, verified and
+    loaded as plain data (a checkpoint never runs code)."""
+    state, _ = Checkpointer(os.path.dirname(os.path.abspath(folder)), 1).load(folder)
+    if not isinstance(state.get("model"), dict):
+        raise CheckpointError(
+            f'checkpoint {folder} holds no full "model" dict (a sharded FSDP2 checkpoint: evaluate a '
+            "single-process run's checkpoint)"
+        )
+    return state["model"]
 
 
 def load_run(
@@ -92,7 +106,7 @@ def load_run(
     folder = run_checkpoint(run_dir, checkpoint_dir)
     dev, dt = _device_dtype(device, dtype)
     model, tok = load_causal_lm(cfg.model, device=str(dev), dtype=dt, seed=cfg.seed)
-    load_trained_params(model, checkpoint.load(folder)["model"])
+    load_trained_params(model, checkpoint_params(folder))
     return model.eval(), tok, cfg, folder
 
 
@@ -358,7 +372,7 @@ def run(args: argparse.Namespace, verifier=None) -> dict[str, Any]:
     base = sample_model(model, tok, problems, **common)
     results = {"base": base}
     if args.run:
-        state = checkpoint.load(folder)["model"]
+        state = checkpoint_params(folder)
         if base_name != cfg.model:  # another base: build the run's own model for the trained weights
             model, tok = load_causal_lm(cfg.model, device=str(dev), dtype=dt, seed=cfg.seed)
         load_trained_params(model, state)
@@ -409,7 +423,11 @@ def run(args: argparse.Namespace, verifier=None) -> dict[str, Any]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    summary = run(args)
+    try:
+        summary = run(args)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"fused-rlvr eval: error: {e}", file=sys.stderr)
+        return 2
     keys = [k for k in summary if k.endswith(("avg@n", "_accuracy", "entropy_mean")) or k.startswith("pass@")]
     keys += [k for k in ("P", "E", "S", "O", "SRR", "NDR", "SDS", "NSCR") if k in summary]
     keys += [k for k in summary if "_pass@" in k]
