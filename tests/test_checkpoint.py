@@ -5,14 +5,13 @@ resumes to the very weights of an uninterrupted run, stale temporary folders are
 checkpoint is named and skipped for the previous valid one, and a stale later step folder survives the
 pruning.
 
-The fault injection wraps the os functions that change a folder (mkdir, rename, replace, unlink, remove,
-rmdir, fsync) and raises a BaseException before the k-th call, for every k a save makes: the state on disk is
-then exactly the one a SIGKILL at that point leaves (no cleanup code runs: it is not an OSError).
+The fault injection (`_fs_faults.crash_before`) wraps the os functions that change a folder (mkdir, rename,
+replace, unlink, remove, rmdir, fsync) and raises a BaseException before the k-th call, for every k a save
+makes: the state on disk is then exactly the one a SIGKILL at that point leaves (no cleanup code runs).
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import pickle
@@ -30,41 +29,12 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("math_verify")
 
+from _fs_faults import Crash, RunsCode, crash_before, forge_manifest  # noqa: E402
 from _train_helpers import DigitReward, params, tiny_config  # noqa: E402
 
 from fused_rlvr.train import Hook  # noqa: E402
 from fused_rlvr.train import evaluate as ev  # noqa: E402
 from fused_rlvr.train.trainer import Trainer  # noqa: E402
-
-FS_OPS = ("mkdir", "rename", "replace", "unlink", "remove", "rmdir", "fsync")
-
-
-class Crash(BaseException):
-    """The process dies here (not an Exception: no `except` in the code under test catches it)."""
-
-
-@contextlib.contextmanager
-def crash_before(k):
-    """Record every file-system operation; raise Crash instead of performing the k-th (k=None: never)."""
-    calls = []
-    real = {n: getattr(os, n) for n in FS_OPS}
-
-    def wrap(name):
-        def op(*args, **kwargs):
-            calls.append((name, args[:2]))
-            if k is not None and len(calls) == k:
-                raise Crash(f"killed before {name}{args[:2]}")
-            return real[name](*args, **kwargs)
-
-        return op
-
-    try:
-        for n in FS_OPS:
-            setattr(os, n, wrap(n))
-        yield calls
-    finally:
-        for n, f in real.items():
-            setattr(os, n, f)
 
 
 class FirstStep(Hook):
@@ -123,33 +93,6 @@ def reference(tmp_path_factory):
         _s, tr, _ = run(tmp_path_factory.mktemp("ref") / "run", steps=steps, save_every=0)
         out[steps] = params(tr.model)
     return out
-
-
-def forge_manifest(folder):
-    """Recompute the checksums of a manifest (if the format has one) after a file was replaced: what an
-    attacker with write access to the folder can do."""
-    import hashlib
-    import json
-
-    path = os.path.join(folder, "manifest.json")
-    if not os.path.exists(path):
-        return
-    m = json.load(open(path))
-    for rel in m["files"]:
-        data = open(os.path.join(folder, rel), "rb").read()
-        m["files"][rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    with open(path, "w") as fh:
-        json.dump(m, fh)
-
-
-class RunsCode:
-    """Unpickling this calls os.mkdir(marker): the side effect a malicious checkpoint would have."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
 
 
 # ------------------------------------------------------------------------------------ 1. code in a pickle

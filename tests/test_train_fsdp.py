@@ -162,7 +162,7 @@ def _spawn(tmp, phase):
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"the {WORLD} gloo processes of phase {phase} did not finish within {TIMEOUT_S} s")
-    out = [torch.load(os.path.join(tmp, f"{phase}-rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    out = [torch.load(os.path.join(tmp, f"{phase}-rank{r}.pt"), weights_only=True) for r in range(WORLD)]
     for r, res in enumerate(out):
         assert "worker_error" not in res, f"phase {phase} rank {r}: {res['worker_error']}"
     return out

@@ -251,10 +251,12 @@ class _PlainMetadataUnpickler(pickle.Unpickler):
 
 
 def _dcp_reader_and_planner(path: str):
-    """A FileSystemReader and DefaultLoadPlanner that refuse anything but plain data: the metadata through
-    `_PlainMetadataUnpickler` and every non-tensor item through torch.load(weights_only=True), before the
-    library's own loaders read them."""
+    """A FileSystemReader and DefaultLoadPlanner that refuse anything but plain data (the metadata through
+    `_PlainMetadataUnpickler`, every non-tensor item through torch.load(weights_only=True)) before the
+    library's own loaders read it, and the list of refusals they made."""
     from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+
+    refused: list[str] = []  # (the library wraps what its reader / planner raise in its own exception)
 
     class Reader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any):
@@ -263,10 +265,11 @@ def _dcp_reader_and_planner(path: str):
                 with open(meta, "rb") as fh:
                     _PlainMetadataUnpickler(fh).load()
             except Exception as e:
-                raise CheckpointError(
+                refused.append(
                     f"checkpoint file {meta} is not plain checkpoint metadata ({_first_line(e)}): refused "
                     "(a checkpoint never runs code)"
-                ) from None
+                )
+                raise CheckpointError(refused[-1]) from None
             return super().read_metadata(*args, **kwargs)
 
     class Planner(DefaultLoadPlanner):
@@ -274,14 +277,15 @@ def _dcp_reader_and_planner(path: str):
             try:
                 torch.load(value, map_location="cpu", weights_only=True)
             except Exception as e:
-                raise CheckpointError(
+                refused.append(
                     f"checkpoint item {read_item.dest_index.fqn!r} in {path} is not plain data "
                     f"({_first_line(e)}): refused (a checkpoint never runs code)"
-                ) from None
+                )
+                raise CheckpointError(refused[-1]) from None
             value.seek(0)  # proven plain data: the library's own loader then builds the same objects
             super().load_bytes(read_item, value)
 
-    return Reader(path), Planner()
+    return Reader(path), Planner(), refused
 
 
 # ------------------------------------------------------------------------------------------- Checkpointer
@@ -485,8 +489,13 @@ class Checkpointer:
         import torch.distributed.checkpoint as dcp
 
         path = os.path.join(folder, SHARDED)
-        reader, planner = _dcp_reader_and_planner(path)
-        dcp.load(template, checkpoint_id=path, storage_reader=reader, planner=planner)
+        reader, planner, refused = _dcp_reader_and_planner(path)
+        try:
+            dcp.load(template, checkpoint_id=path, storage_reader=reader, planner=planner)
+        except (Exception, dcp.CheckpointException) as e:  # (the latter is a BaseException)
+            if refused:
+                raise CheckpointError(refused[0]) from None
+            raise CheckpointError(f"checkpoint {path} cannot be loaded: {_first_line(e)}") from e
 
     # ------------------------------------------------------------------------------------------ saving
     def save(

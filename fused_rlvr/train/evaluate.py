@@ -10,9 +10,10 @@ temperature; the per-problem P/E/S/O split and SRR, NDR, SDS, NSCR (`fused_rlvr.
 optionally greedy accuracy. Written to --out-dir: per_problem.{csv,md}, summary.{csv,md}, pass_at_k.png,
 samples.jsonl and summary.json.
 
-A run's out_dir holds config.json and checkpoints/latest; the checkpoint's "model" dict holds the trainable
-parameters, which `load_run` loads over the base model built from the run's config. Without --run, only
---base is evaluated (pass@k, avg@n and the entropies, no P/E/S/O).
+A run's out_dir holds config.json and checkpoints/; the newest valid checkpoint (checkpoint.Checkpointer:
+verified, loaded as plain data) has a "model" dict of the trainable parameters, which `load_run` loads over
+the base model built from the run's config. Without --run, only --base is evaluated (pass@k, avg@n and the
+entropies, no P/E/S/O).
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def load_run(
     run_dir: str, *, checkpoint_dir: Optional[str] = None, device: str = "auto", dtype: str = "auto"
 ):
     """(model, tokenizer, config, checkpoint folder) of a trained run: the base model of the run's config
-    with the checkpoint's trainable parameters loaded over it (default: the latest checkpoint)."""
+    with the checkpoint's trainable parameters loaded over it (default: the newest valid checkpoint)."""
     cfg = read_run_config(run_dir)
     folder = run_checkpoint(run_dir, checkpoint_dir)
     dev, dt = _device_dtype(device, dtype)
@@ -299,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Invisible-Leash P/E/S/O table and SRR / NDR / SDS / NSCR, as CSV / Markdown and a pass@k PNG.",
     )
     ap.add_argument("--run", default=None, help="a training run's out_dir (config.json + checkpoints/)")
-    ap.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the run's latest)")
+    ap.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the run's newest valid)")
     ap.add_argument("--base", default=None, help="base model (default: the run's; needed without --run)")
     ap.add_argument("--task", default=None, help="task (default: the run's, else 'arithmetic')")
     ap.add_argument("--eval-task", default=None, help="JSONL of held-out problems (default: the run's)")
