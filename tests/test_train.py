@@ -381,20 +381,6 @@ def test_sampling_ignores_the_models_generation_config():
     assert len({r[0] for r in plain}) > 2  # more first tokens than a top_k=2 sampler could give
 
 
-def test_checkpoint_pruning_keeps_the_new_one_and_drops_abandoned_later_steps(tmp_path):
-    from fused_rlvr.train import checkpoint
-
-    root = str(tmp_path / "ck")
-    for step in (10, 20, 30):
-        checkpoint.save(root, step, {"step": step}, keep=1)
-    assert sorted(os.listdir(root)) == ["latest", "step_000030"]
-    # a resume from an older checkpoint that saves step 25: step 30 belongs to the abandoned run
-    checkpoint.save(root, 25, {"step": 25}, keep=2)
-    assert sorted(os.listdir(root)) == ["latest", "step_000025"]
-    checkpoint.save(root, 25, {"step": 26}, keep=2)  # re-saving a step replaces it
-    assert checkpoint.load(checkpoint.latest(root))["step"] == 26
-
-
 def test_no_heldout_problems_and_resume_with_a_new_lr(tmp_path):
     s = Trainer(tiny(tmp_path, "e", n_eval=0, steps=1), hooks=[DigitReward()]).train()
     assert s["before"]["n"] == 0 and math.isnan(s["after"]["accuracy"])

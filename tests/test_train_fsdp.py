@@ -162,7 +162,7 @@ def _spawn(tmp, phase):
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"the {WORLD} gloo processes of phase {phase} did not finish within {TIMEOUT_S} s")
-    out = [torch.load(os.path.join(tmp, f"{phase}-rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    out = [torch.load(os.path.join(tmp, f"{phase}-rank{r}.pt"), weights_only=True) for r in range(WORLD)]
     for r, res in enumerate(out):
         assert "worker_error" not in res, f"phase {phase} rank {r}: {res['worker_error']}"
     return out
@@ -204,7 +204,7 @@ def test_sharded_checkpoint_resumes_exactly(runs):
         assert s["status"] == "interrupted (SIGINT)" and s["step"] == 2 and "after" not in s
     ckpt = a[0]["part_summary"]["checkpoint"]
     names = sorted(os.listdir(ckpt))
-    assert names == ["rank00000.pt", "rank00001.pt", "sharded", "state.pt"]
+    assert names == ["manifest.json", "rank00000.pt", "rank00001.pt", "sharded", "state.pt"]
     assert b[0]["resumed_summary"]["status"] == "finished" and b[0]["resumed_summary"]["step"] == 4
     full, resumed = a[0]["full"], b[0]["resumed"]
     for n in full:
@@ -260,6 +260,7 @@ def test_torchrun_smoke(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["after"]["n"] == 4
     assert sorted(os.listdir(out / "checkpoints" / "step_000002")) == [
+        "manifest.json",
         "rank00000.pt",
         "rank00001.pt",
         "sharded",

@@ -24,11 +24,11 @@
    every rank runs the same forward / backward passes. Gradient clipping uses the global norm.
 4. Evaluation: each rank greedily decodes its contiguous slice of the held-out set on the gathered model;
    the per-problem results are all-gathered, so every rank returns the metrics of the whole set.
-5. Checkpoints: checkpoints/step_N/ holds state.pt (rank 0: step, config, scheduler, eval_before),
-   sharded/ (torch.distributed.checkpoint: model and optimizer, each rank its shards) and rankRRRRR.pt (each
-   rank's RNG states, data position and hook states). Everything is written into a temporary folder that
-   rank 0 renames after a barrier, then the `latest` pointer (as checkpoint.py). `--resume` continues
-   exactly on the same number of processes.
+5. Checkpoints (checkpoint.Checkpointer, the single-process protocol with every rank taking part):
+   checkpoints/step_N/ holds state.pt (rank 0: step, config, scheduler, eval_before), sharded/
+   (torch.distributed.checkpoint: model and optimizer, each rank its shards), rankRRRRR.pt (each rank's RNG
+   states, data position and hook states) and the manifest of checksums. `--resume` continues exactly on the
+   same number of processes.
 6. Outputs: metrics, samples, plots, summary and the progress bar come from rank 0 only (the other ranks run
    the same loop with a private scratch out_dir, deleted by `close()`). Metrics are merged over the ranks
    (counts and the loss summed, times the maximum, the rest the mean over ranks). SIGINT / SIGTERM on any
@@ -67,7 +67,6 @@ from fused_rlvr.train.hooks import Hook
 from fused_rlvr.train.rollout import RolloutBatch
 from fused_rlvr.train.trainer import Trainer
 
-SHARDED = "sharded"  # the torch.distributed.checkpoint folder inside a checkpoint
 _SUM_KEYS = ("loss", "n_samples", "n_groups", "groups_dropped", "dars_extra_rollouts")
 
 
@@ -117,13 +116,6 @@ class _RankShare:
         if name == "task":  # not set yet (copy / unpickling)
             raise AttributeError(name)
         return getattr(self.task, name)
-
-
-def _fsync_save(obj: Any, path: str) -> None:
-    with open(path, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def _merge_records(recs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -392,65 +384,51 @@ class DistributedTrainer(Trainer):
             "the FSDP trainer's state is sharded: save() writes it with torch.distributed.checkpoint"
         )
 
-    def _rank_file(self, folder: str, rank: int) -> str:
-        return os.path.join(folder, f"rank{rank:05d}.pt")
+    def _make_checkpointer(self) -> checkpoint.Checkpointer:
+        def log(msg: str) -> None:
+            if self.rank == 0:
+                print(msg, file=sys.stderr, flush=True)
+
+        return checkpoint.Checkpointer(
+            self.ckpt_root,
+            self.cfg.keep_checkpoints,
+            rank=self.rank,
+            world_size=self.world_size,
+            barrier=dist.barrier,
+            log=log,
+        )
 
     def save(self) -> str:
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         self._release()
-        root = self.ckpt_root
-        name = f"step_{self.step:06d}"
-        final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
-        if self.rank == 0:
-            os.makedirs(root, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        dist.barrier()
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=os.path.join(tmp, SHARDED))
-        rng = {"data": self.data_rng.getstate(), "python": random.getstate(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        hooks = [h.state_dict() for h in self.hooks]
-        _fsync_save({"rank": self.rank, "rng": rng, "hooks": hooks}, self._rank_file(tmp, self.rank))
-        dist.barrier()
-        if self.rank == 0:
-            meta = {
-                "version": 1,
-                "format": "dcp",
-                "step": self.step,
-                "world_size": self.world_size,
-                "config": self.cfg.to_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "eval_before": self.eval_before,
-            }
-            _fsync_save(meta, os.path.join(tmp, "state.pt"))
-            checkpoint._fsync_dir(tmp)
-            if os.path.exists(final):  # re-saving the same step (e.g. a signal right after a periodic save)
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            checkpoint._fsync_dir(root)
-            checkpoint.atomic_write_text(os.path.join(root, checkpoint.LATEST), name + "\n")
-            steps = sorted(d for d in os.listdir(root) if d.startswith("step_"))
-            for old in steps[: -self.cfg.keep_checkpoints]:
-                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-        dist.barrier()
-        return final
+        meta = {
+            "version": 1,
+            "format": "dcp",
+            "step": self.step,
+            "world_size": self.world_size,
+            "config": self.cfg.to_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "eval_before": self.eval_before,
+        }
+        mine = {"rank": self.rank, "rng": checkpoint.capture_rng(self.data_rng)}
+        mine["hooks"] = [h.state_dict() for h in self.hooks]
+        return self.checkpointer.save(
+            self.step, meta, rank_state=mine, sharded={"model": model_sd, "optimizer": optim_sd}
+        )
 
     def load(self, folder: str) -> None:
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        meta = checkpoint.load(folder)
+        meta, mine = self.checkpointer.load(folder)
         if meta.get("format") != "dcp":
             raise ValueError(
                 f"cannot resume from {folder}: it was written by a single-process run (the full model in "
                 "state.pt); resume it without torchrun and --fsdp"
             )
         check_compatible(meta["config"], self.cfg, folder)
-        if meta["world_size"] != self.world_size:
+        if meta["world_size"] != self.world_size or mine is None:
             raise ValueError(
                 f"cannot resume from {folder}: it was written by {meta['world_size']} processes, this run "
                 f"has {self.world_size}; an exact resume needs the same number (each rank's prompts, "
@@ -458,10 +436,11 @@ class DistributedTrainer(Trainer):
             )
         self._release()
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.load({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=os.path.join(folder, SHARDED))
+        template = {"model": model_sd, "optimizer": optim_sd}
+        self.checkpointer.load_sharded(folder, template)
+        model_sd, optim_sd = template["model"], template["optimizer"]
         set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
         self.scheduler.load_state_dict(meta["scheduler"])
-        mine = torch.load(self._rank_file(folder, self.rank), map_location="cpu", weights_only=False)
         self._restore_run_state(
             folder, meta["config"], mine["rng"], mine["hooks"], meta["step"], meta["eval_before"]
         )

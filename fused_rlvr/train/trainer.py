@@ -30,7 +30,8 @@ from fused_rlvr.grpo import linear_grpo_loss, loss_divisor
 from fused_rlvr.integrations.hf import last_hidden_states, lm_head, sequence_token_stats
 from fused_rlvr.pacs import linear_pacs_loss
 from fused_rlvr.train import checkpoint
-from fused_rlvr.train.config import TrainConfig, check_compatible
+from fused_rlvr.train.checkpoint import Checkpointer, capture_rng, restore_rng
+from fused_rlvr.train.config import TrainConfig, check_compatible, ensure_out_dir
 from fused_rlvr.train.hooks import DarsHook, Hook, RolloutRequest
 from fused_rlvr.train.methods import build_hooks
 from fused_rlvr.train.metrics import MetricsLog, plot
@@ -486,10 +487,16 @@ class Trainer:
     def ckpt_root(self) -> str:
         return os.path.join(self.cfg.out_dir, "checkpoints")
 
+    @property
+    def checkpointer(self) -> Checkpointer:
+        if getattr(self, "_checkpointer", None) is None:
+            self._checkpointer = self._make_checkpointer()
+        return self._checkpointer
+
+    def _make_checkpointer(self) -> Checkpointer:
+        return Checkpointer(self.ckpt_root, self.cfg.keep_checkpoints)
+
     def state_dict(self) -> dict[str, Any]:
-        rng = {"data": self.data_rng.getstate(), "python": random.getstate(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
             "version": 1,
             "step": self.step,
@@ -499,16 +506,16 @@ class Trainer:
             },
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": rng,
+            "rng": capture_rng(self.data_rng),
             "hooks": [h.state_dict() for h in self.hooks],
             "eval_before": self.eval_before,
         }
 
     def save(self) -> str:
-        return checkpoint.save(self.ckpt_root, self.step, self.state_dict(), self.cfg.keep_checkpoints)
+        return self.checkpointer.save(self.step, self.state_dict())
 
     def load(self, folder: str) -> None:
-        state = checkpoint.load(folder)
+        state, _ = self.checkpointer.load(folder)
         if state.get("format") == "dcp":
             raise ValueError(
                 f"cannot resume from {folder}: it is a sharded FSDP2 checkpoint; resume it with --fsdp true "
@@ -538,11 +545,7 @@ class Trainer:
             self.scheduler.base_lrs = [self.cfg.lr for _ in self.scheduler.base_lrs]
             for g, f in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
                 g["lr"] = self.cfg.lr * f(self.scheduler.last_epoch)
-        self.data_rng.setstate(rng["data"])
-        random.setstate(rng["python"])
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        restore_rng(self.data_rng, rng)
         if len(hooks) != len(self.hooks):
             raise ValueError(
                 f"cannot resume from {folder}: it holds the state of {len(hooks)} hooks, "
@@ -552,7 +555,7 @@ class Trainer:
             h.load_state_dict(s)
         self.step = step
         self.eval_before = eval_before
-        self._saved_step = step
+        self._saved_step, self._saved_folder = step, folder
 
     @contextlib.contextmanager
     def _signals(self):
@@ -588,14 +591,15 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, Any]:
         c = self.cfg
-        os.makedirs(c.out_dir, exist_ok=True)
-        if not c.resume and os.path.exists(os.path.join(self.ckpt_root, checkpoint.LATEST)):
+        ensure_out_dir(c.out_dir)
+        if not c.resume and self.checkpointer.has_checkpoints():
             raise ValueError(
                 f"out_dir {c.out_dir!r} already holds a run with checkpoints; pass --resume to "
                 f"continue it, or choose another --out-dir (nothing there is overwritten)"
             )
+        self.checkpointer.prepare()
         if c.resume:
-            folder = checkpoint.latest(self.ckpt_root)
+            folder = self.checkpointer.latest()
             if folder is None:
                 print(f"resume: no checkpoint in {self.ckpt_root}, starting from step 0", file=sys.stderr)
             else:
@@ -645,7 +649,7 @@ class Trainer:
             bar.close()
         # (a resumed run that had nothing left to do keeps its checkpoint as it is)
         unchanged = getattr(self, "_saved_step", None) == self.step
-        ckpt = checkpoint.latest(self.ckpt_root) if unchanged else self.save()
+        ckpt = self._saved_folder if unchanged else self.save()
         summary: dict[str, Any] = {
             "status": status,
             "step": self.step,
