@@ -185,14 +185,15 @@ def finite_where(name: str, value: torch.Tensor, valid: torch.Tensor, *, allow_n
 
 
 def token_weights(name: str, value, shape, mask: torch.Tensor) -> torch.Tensor:
-    """Check per-token [B, T] or per-sequence [B, 1] / [B] weights: floating point, finite and >= 0 where mask
-    is 1 (anything elsewhere). Returns them detached as contiguous fp32 [B, T] or [B, 1]."""
+    """Check per-token [B, T] or per-sequence [B, 1] / [B] weights: floating point (or a boolean mask),
+    finite and >= 0 where mask is 1 (anything elsewhere). Returns them detached as contiguous fp32 [B, T] or
+    [B, 1]."""
     check_tensor(name, value)
     b, t = shape
     if tuple(value.shape) not in ((b, t), (b, 1), (b,)):
         raise ValueError(f"{name} must have shape {(b, t)}, {(b, 1)} or {(b,)}, got {tuple(value.shape)}")
-    if not value.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if not (value.is_floating_point() or value.dtype == torch.bool):
+        raise TypeError(f"{name} must be a floating-point or boolean tensor, got {value.dtype}")
     if value.device != mask.device:
         raise ValueError(f"{name} is on {value.device} but mask is on {mask.device}")
     w = value.detach().to(torch.float32).reshape(b, -1)

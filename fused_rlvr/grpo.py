@@ -424,10 +424,11 @@ def linear_grpo_loss(
     whole sequence's d l / d r_i). The two agree when A and the weights are constant along each sequence and
     kl_ratio_weighted is off. Without old_logprobs the ratio is 1 in value (lp.detach()).
     pg_weights: detached weights of the policy-gradient term only (not the KL, not the entropy bonus),
-    [B, T], [B, 1] or [B], finite and >= 0 where mask is 1: rollout/trainer mismatch correction
-    (`fused_rlvr.rollout_correction`), entropy or off-policy masks. A callable is called once with the
-    detached fp32 [B, T] log-probs and entropies of this call (0 at masked positions) and returns them, for
-    masks computed from the current policy (TRL's top_entropy_quantile, off_policy_mask_threshold).
+    [B, T], [B, 1] or [B] (floating point or boolean), finite and >= 0 where mask is 1: rollout/trainer
+    mismatch correction (`fused_rlvr.rollout_correction`), entropy or off-policy masks. A callable is called
+    once with the detached fp32 [B, T] log-probs and entropies of this call (0 at masked positions) and
+    returns them, for masks computed from the current policy (TRL's top_entropy_quantile,
+    off_policy_mask_threshold).
     `steer` (a SteerConfig) multiplies l_pg by STEER weights (old_entropy defaults to the current entropy).
     loss = sum_i c_i sum_t m l / divisor, c_i = 1 / n_i for seq-mean-token-mean / grpo, else 1; the divisor
     is the token count (token-mean, bnpo, dapo), B (seq-mean-*), max_len (seq-mean-token-sum-norm, verl) or

@@ -421,6 +421,24 @@ def test_modules_only_hold_hyper_parameters():
         eps_high=0.28,
     )
     assert torch.equal(a, b)
+    kw = dict(policy_loss="sapo", importance="sequence-mean", beta=0.1, kl_ratio_weighted=True, kl_clamp=None)
+    mod = F.LinearGRPOLoss(log_ratio_clamp=None, sapo_tau_neg=2.0, **kw)
+    w = _pg_weights("token")
+    a, _ = mod(hidden, weight, targets, adv, mask, old_logprobs=old, ref_logprobs=ref, pg_weights=w)
+    b, _ = F.linear_grpo_loss(
+        hidden,
+        weight,
+        targets,
+        adv,
+        mask,
+        old_logprobs=old,
+        ref_logprobs=ref,
+        pg_weights=w,
+        log_ratio_clamp=None,
+        sapo_tau_neg=2.0,
+        **kw,
+    )
+    assert torch.equal(a, b) and "policy_loss=sapo" in repr(mod)
     pacs = F.LinearPACSLoss(beta=2.0)
     hidden, weight, targets, mask, old, rewards, groups = _pacs_batch()
     a, _ = pacs(hidden, weight, targets, rewards, mask, groups, old_logprobs=old)
@@ -597,7 +615,7 @@ def test_pg_weights_function_sees_the_current_logprobs_and_entropy(backend):
     def entropy_mask(lp, ent):
         seen["lp"], seen["ent"] = lp, ent
         thresh = torch.quantile(ent[mask], 0.5)
-        return ((ent >= thresh) & mask).float()
+        return (ent >= thresh) & mask  # a boolean mask
 
     kw = dict(old_logprobs=old, backend=backend, agg="dapo")
     loss, st = F.linear_grpo_loss(hidden, weight, targets, adv, mask, pg_weights=entropy_mask, **kw)
@@ -605,7 +623,7 @@ def test_pg_weights_function_sees_the_current_logprobs_and_entropy(backend):
     assert not seen["lp"].requires_grad and not seen["ent"].requires_grad
     torch.testing.assert_close(seen["lp"].double(), lp, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(seen["ent"].double(), ent, rtol=1e-5, atol=1e-6)
-    fixed = entropy_mask(seen["lp"], seen["ent"])
+    fixed = entropy_mask(seen["lp"], seen["ent"]).float()
     loss2, st2 = F.linear_grpo_loss(hidden, weight, targets, adv, mask, pg_weights=fixed, **kw)
     assert torch.equal(loss, loss2)
     assert 0.4 < st.pg_weight_mean < 0.6 and st.pg_weight_mean == st2.pg_weight_mean
@@ -1011,7 +1029,11 @@ def test_pacs_inputs_in_any_layout(backend, layout):
         (dict(log_ratio_clamp=0), ValueError, r"log_ratio_clamp must be a finite positive number, got 0.0"),
         (dict(kl_ratio_weighted=1), TypeError, r"kl_ratio_weighted must be a bool, got int"),
         (dict(pg_weights=torch.ones(B, 2)), ValueError, r"pg_weights must have shape \(4, 9\), \(4, 1\) or"),
-        (dict(pg_weights=torch.ones(B, T, dtype=torch.long)), TypeError, r"pg_weights must be a floating"),
+        (
+            dict(pg_weights=torch.ones(B, T, dtype=torch.long)),
+            TypeError,
+            r"pg_weights must be a floating-point",
+        ),
         (dict(pg_weights=-torch.ones(B, 1)), ValueError, r"pg_weights must be >= 0 where mask is 1"),
         (
             dict(pg_weights=torch.full((B, T), float("nan"))),
