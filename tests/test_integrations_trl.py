@@ -663,3 +663,49 @@ def test_no_logits_on_the_new_fused_paths(pair, monkeypatch, attrs):
     finally:
         hook.remove()
     assert 0 < guard.largest <= V * H
+
+
+@pytest.fixture(scope="module")
+def moe_pair(tmp_path_factory):
+    """A tiny randomly initialised Mixtral (4 experts, 2 per token): TRL adds its load-balancing loss."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    folder = str(tmp_path_factory.mktemp("tiny-mixtral"))
+    torch.manual_seed(0)
+    cfg = MixtralConfig(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        router_aux_loss_coef=0.05,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+        tie_word_embeddings=False,
+    )
+    MixtralForCausalLM(cfg).save_pretrained(folder)
+    _tokenizer().save_pretrained(folder)
+    tmp = str(tmp_path_factory.mktemp("out-moe"))
+    stock = _trainer(GRPOTrainer, folder, tmp)
+    ours = _trainer(FusedGRPOTrainer, folder, tmp)
+    ours.model.train()  # as _rollout leaves the stock model
+    return stock, ours, _rollout(stock)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_moe_aux_loss_matches_trl(moe_pair, monkeypatch, loss_type):
+    stock, ours, inputs = moe_pair
+    assert ours.aux_loss_enabled and ours.router_aux_loss_coef == 0.05
+    logged = _compare_fused(
+        stock,
+        ours,
+        _perturbed(inputs),
+        monkeypatch,
+        loss_type=loss_type,
+        current_gradient_accumulation_steps=2,
+    )
+    assert logged["aux_loss"][0] > 0

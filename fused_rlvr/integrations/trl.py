@@ -26,8 +26,8 @@ Two levels, both tested against TRL's own trainer (tests/test_integrations_trl.p
    entropy_coef) are logged under TRL's names. What linear_grpo_loss does not express runs TRL's own loss code
    on the fused per-token log-probs and entropies of (1): still no logits, TRL's exact semantics. That covers
    the loss type vespo, the adaptive entropy bonus, the entropy bonus with "grpo" / "sapo" or with an entropy
-   mask, the MoE aux loss and multimodal inputs. `FusedGRPOTrainer.fused_loss_path(inputs)` says which one
-   runs, and why.
+   mask, and multimodal inputs. The MoE load-balancing loss (router_aux_loss_coef) is added as TRL adds it
+   (metric aux_loss). `FusedGRPOTrainer.fused_loss_path(inputs)` says which one runs, and why.
 
 Not supported (clear errors): a PEFT adapter on the lm-head, DeepSpeed ZeRO-3 (the fused backward re-reads the
 lm-head weight outside the module's gather hooks), models that rescale their logits (Cohere, Granite).
@@ -268,7 +268,6 @@ class FusedGRPOTrainer(GRPOTrainer):
                 is_correction and "importance_sampling_ratio" not in inputs,
                 "vLLM importance-sampling correction without inputs['importance_sampling_ratio']",
             ),
-            (self.aux_loss_enabled, "MoE router aux loss"),
             (any(inputs.get(k) is not None for k in _MULTIMODAL_KEYS), "multimodal inputs"),
         ]
         for failed, reason in checks:
@@ -335,13 +334,13 @@ class FusedGRPOTrainer(GRPOTrainer):
         n_completion = completion_ids.size(1)
 
         # 1. last hidden states through the (possibly DDP-wrapped) model, so its hooks run as in TRL
+        extra = {"output_router_logits": True} if self.aux_loss_enabled else {}
         with self.accelerator.autocast():
-            out = model(input_ids=input_ids, attention_mask=attention_mask, fused_lm_head="hidden")
+            out = model(input_ids=input_ids, attention_mask=attention_mask, fused_lm_head="hidden", **extra)
         hidden = out.last_hidden_state[:, -n_completion - 1 : -1]  # position t scores completion token t
+        unwrapped = unwrap_model(self.accelerator.unwrap_model(model))
         hidden, weight, bias, softcap, ctx = head_inputs(
-            unwrap_model(self.accelerator.unwrap_model(model)),
-            hidden,
-            cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32,
+            unwrapped, hidden, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32
         )
 
         # 2. TRL's loss type, normaliser, clipping, KL and entropy bonus expressed for linear_grpo_loss
@@ -386,6 +385,13 @@ class FusedGRPOTrainer(GRPOTrainer):
                 max_len=self.max_completion_length,
             )
         self._log_fused_metrics(mode, stats, mask, advantages)
+        if self.aux_loss_enabled:  # TRL: + coef * load-balancing loss, scaled for gradient accumulation
+            aux_loss = _router_aux_loss(unwrapped, out, attention_mask)
+            accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+            loss = loss + self.router_aux_loss_coef * aux_loss / accum
+            self._metrics[mode]["aux_loss"].append(
+                self.accelerator.gather_for_metrics(aux_loss).mean().item()
+            )
         return loss
 
     def _log_fused_metrics(self, mode: str, stats, mask, advantages) -> None:
