@@ -106,7 +106,8 @@ def check_correctness(rec, summary, shape, n):
 
 
 def check_losses(rec, summary, shape, n):
-    """GRPO (dapo, k3, dual clip, entropy bonus) and PACS through the Triton epilogue vs plain torch, bf16."""
+    """GRPO (dapo, k3, dual clip, entropy bonus; cispo, sapo, ratio cap, pg_weights, sequence-mean,
+    ratio-weighted KL) and PACS through the Triton epilogue vs plain torch, bf16."""
     from fused_rlvr import linear_grpo_loss, linear_pacs_loss
     from fused_rlvr.grpo import GRPOParams, grpo_token_loss_torch
     from fused_rlvr.pacs import pacs_loss_from_scores
@@ -162,6 +163,30 @@ def check_losses(rec, summary, shape, n):
     torch.backends.cuda.matmul.allow_tf32 = False
     gt = grads(torch_grpo)
     out["grpo"] = errors(ours, gt)
+    # the other policy losses and weights through the Triton epilogue vs the torch one
+    pgw = torch.exp(0.1 * torch.randn(b, seq, device=DEV, generator=g)).clamp(max=2.0)
+    variants = {
+        "grpo_cispo": dict(policy_loss="cispo", eps_high=5.0, beta=0.04, kl_ratio_weighted=True),
+        "grpo_sapo_seq": dict(
+            policy_loss="sapo", importance="sequence-mean", beta=0.04, kl_ratio_weighted=True
+        ),
+        "grpo_cap_pgw": dict(ratio_cap=1.1, dual_clip=3.0, eps_high=0.28, beta=0.04, kl_clamp=None),
+    }
+    for name, vkw in variants.items():
+        ours = grads(
+            lambda hh, ww, vkw=vkw: linear_grpo_loss(
+                hh, ww, y, adv, mask, old_logprobs=old, ref_logprobs=ref, agg="dapo", pg_weights=pgw, **vkw
+            )[0]
+        )
+
+        def torch_variant(hh, ww, vkw=vkw):
+            lp, ent = ref_lp(hh, ww)
+            params = GRPOParams(**vkw)
+            return grpo_token_loss_torch(lp, ent, old, ref, adv, m, None, params, 1.0 / float(m.sum()), pgw)[
+                0
+            ]
+
+        out[name] = errors(ours, grads(torch_variant))
     ours = grads(lambda hh, ww: linear_pacs_loss(hh, ww, y, rewards, mask, groups, old_logprobs=old)[0])
     gt = grads(
         lambda hh, ww: pacs_loss_from_scores(((ref_lp(hh, ww)[0] - old) * m).sum(1), rewards, groups)[0]

@@ -91,11 +91,13 @@ def measure(provider: str, model: str, tokens: int, dtype: str, op: str) -> dict
 
 
 def main(argv=None) -> int:
+    from bench.ops import OPS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=CPU_MEMORY_TARGET[0], choices=sorted(MODELS))
     ap.add_argument("--tokens", type=int, default=CPU_MEMORY_TARGET[1])
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    ap.add_argument("--op", default="logprob_entropy", choices=["logprob", "logprob_entropy", "grpo", "pacs"])
+    ap.add_argument("--op", default="logprob_entropy", choices=OPS)
     ap.add_argument("--providers", nargs="+", default=["torch", "fused-rlvr"])
     ap.add_argument("--csv", default=None, help="write rows to this CSV (bench.harness format)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)

@@ -1,8 +1,10 @@
 """The benchmarked operations, each with its providers: build inputs once, then `step(provider, grad)`.
 
 ops: "logprob" (per-token log-probs), "logprob_entropy" (log-probs + entropy), "grpo" (the GRPO loss,
-TRL's dapo aggregation, k3 KL with beta 0.04, clip 0.2/0.28), "pacs" (the PACS loss, groups of 8).
-A step returns a scalar to backpropagate (for the per-token ops: a random weighting of the outputs).
+TRL's dapo aggregation, k3 KL with beta 0.04, clip 0.2/0.28), its variants GRPO_VARIANTS (the same loss with
+one option changed: policy_loss "cispo" / "sapo", token pg_weights, the ratio-weighted KL), "pacs" (the PACS
+loss, groups of 8). A step returns a scalar to backpropagate (for the per-token ops: a random weighting of
+the outputs).
 """
 
 from __future__ import annotations
@@ -12,13 +14,22 @@ import torch
 from bench.providers import PROVIDERS, NotSupported
 from bench.shapes import ModelShape
 
-OPS = ("logprob", "logprob_entropy", "grpo", "pacs")
+# "grpo" with one option changed (linear_grpo_loss keywords; "pg_weights" is filled in by Problem)
+GRPO_VARIANTS = {
+    "grpo_cispo": dict(policy_loss="cispo", eps_high=5.0),
+    "grpo_sapo": dict(policy_loss="sapo"),
+    "grpo_pg_weights": dict(pg_weights="token"),
+    "grpo_kl_ratio": dict(kl_ratio_weighted=True),
+}
+OPS = ("logprob", "logprob_entropy", "grpo", *GRPO_VARIANTS, "pacs")
 OP_PROVIDERS = {
     "logprob": ("fused-rlvr", "torch", "torch-compile-chunked", "liger", "cce"),
     "logprob_entropy": ("fused-rlvr", "torch", "torch-compile-chunked"),
     "grpo": ("fused-rlvr", "torch", "liger"),
+    **{name: ("fused-rlvr", "torch") for name in GRPO_VARIANTS},
     "pacs": ("fused-rlvr", "torch"),
 }
+GRPO_BASE = dict(beta=0.04, eps_low=0.2, eps_high=0.28, kl="k3")
 GROUP = 8
 
 
@@ -31,7 +42,7 @@ class Problem:
         self.op, self.shape, self.device = op, shape, device
         g = torch.Generator(device=device).manual_seed(seed)
         seq = 512 if tokens >= 4096 else max(16, tokens // 8)
-        b = max(GROUP, tokens // seq) if op in ("grpo", "pacs") else max(1, tokens // seq)
+        b = max(GROUP, tokens // seq) if op.startswith("grpo") or op == "pacs" else max(1, tokens // seq)
         t = tokens // b
         self.b, self.t = b, t
         h = torch.randn(b, t, shape.hidden, generator=g, device=device, dtype=torch.float32)
@@ -51,6 +62,8 @@ class Problem:
         self.ref = base + 0.1 * torch.randn(b, t, generator=g, device=device)
         self.rewards = (torch.rand(b, generator=g, device=device) > 0.5).float()
         self.groups = torch.arange(b, device=device) // GROUP
+        # rollout-engine mismatch weights, as fused_rlvr.rollout_correction's token_truncate gives them
+        self.pg_weights = torch.exp(0.05 * torch.randn(b, t, generator=g, device=device)).clamp(max=2.0)
 
     @property
     def n_tokens(self) -> int:
@@ -64,6 +77,7 @@ class Problem:
             "logprob": self._per_token,
             "logprob_entropy": self._per_token,
             "grpo": self._grpo,
+            **{name: self._grpo for name in GRPO_VARIANTS},
             "pacs": self._pacs,
         }[self.op]
         if grad:
@@ -80,8 +94,14 @@ class Problem:
         out = (lp * self.g_lp).sum()
         return out + (ent * self.g_ent).sum() if entropy else out
 
+    def _grpo_options(self) -> dict:
+        kw = dict(GRPO_BASE, **GRPO_VARIANTS.get(self.op, {}))
+        if kw.get("pg_weights") == "token":
+            kw["pg_weights"] = self.pg_weights
+        return kw
+
     def _grpo(self, provider):
-        kw = dict(beta=0.04, eps_low=0.2, eps_high=0.28)
+        kw = self._grpo_options()
         if provider == "fused-rlvr":
             from fused_rlvr import linear_grpo_loss
 
@@ -94,7 +114,6 @@ class Problem:
                 old_logprobs=self.old,
                 ref_logprobs=self.ref,
                 agg="dapo",
-                kl="k3",
                 softcap=self.shape.softcap,
                 **kw,
             )[0]
@@ -105,10 +124,12 @@ class Problem:
             z = reference_logits(self.hidden, self.weight, softcap=self.shape.softcap)
             lp = torch.log_softmax(z.float(), -1).gather(-1, self.targets[..., None])[..., 0]
             m = self.mask.float()
-            params = GRPOParams(eps_low=0.2, eps_high=0.28, beta=0.04, kl="k3")
+            pgw = kw.pop("pg_weights", None)
             return grpo_token_loss_torch(
-                lp, None, self.old, self.ref, self.adv, m, None, params, 1.0 / float(m.sum())
+                lp, None, self.old, self.ref, self.adv, m, None, GRPOParams(**kw), 1.0 / float(m.sum()), pgw
             )[0]
+        if self.op != "grpo":
+            raise NotSupported(f"{provider} has no {self.op} variant")
         if provider == "liger":
             if self.shape.softcap is not None:
                 raise NotSupported("Liger's GRPO loss has no logit softcap")

@@ -2,15 +2,23 @@
 
     python -m bench.run --device cpu  --out bench/results/cpu      # ~20 min on 2 cores
     python -m bench.run --device cuda --out $OUT                   # ~3 min on an H100
+    python -m bench.run --device cpu --sections target epilogue --ops grpo grpo_cispo grpo_sapo \
+        grpo_pg_weights grpo_kl_ratio --target-model smollm2-135m --target-tokens 512 --no-memory
+                                                                   # the GRPO variants against ppo
 
 Sections (--sections):
-  target   each op (logprob, logprob_entropy, grpo, pacs) x provider at the device's target shape
-           (GPU: N=8192, H=4096, V=151936, bf16; CPU: N=1024, H=896, V=151936, fp32): modes fwd+bwd and
+  target   each op (logprob, logprob_entropy, grpo and its variants, pacs) x provider at the device's
+           target shape (GPU: N=8192, H=4096, V=151936, bf16; CPU: N=1024, H=896, V=151936, fp32; or
+           --target-model / --target-tokens): modes fwd+bwd and
            fwd for every provider, plus bwd and no-grad for ours; 1/8 of each sequence is a masked prompt
            (as in RL: those rows are not scored); peak extra memory (CUDA allocator, or a fresh process's
            peak RSS on CPU); the bare lm-head GEMM forward+backward of the same shape (the floor).
   scaling  log-prob+entropy, ours vs plain torch: time and memory against tokens, and against the
            vocabularies of real models.
+  epilogue the per-token GRPO loss epilogue alone (16 x 512 tokens, no lm-head), forward + gradient, for
+           plain ppo and each of bench.ops.GRPO_VARIANTS (cispo, sapo, pg_weights, ratio-weighted KL) in the
+           same run: torch, and the Triton kernel on GPU. The target section times the same variants through
+           the whole fused loss (ops grpo_*).
 Rows go to results.csv (bench.harness format: ratios are derived from rows of the same run); `python -m
 bench.plot DIR` draws them. Timings are medians with p20/p80; on CPU compare ratios, not absolute times.
 """
@@ -27,7 +35,7 @@ import traceback
 import torch
 
 from bench.harness import Recorder, cuda_peak_extra, device_name, time_fn, versions
-from bench.ops import OP_PROVIDERS, OPS, Problem
+from bench.ops import GRPO_BASE, GRPO_VARIANTS, OP_PROVIDERS, OPS, Problem
 from bench.providers import NotSupported, available
 from bench.shapes import (
     CPU_TARGET,
@@ -188,8 +196,10 @@ class Bench:
             print(f"[{name}] {time.time() - t0:.1f}s", flush=True)
             self.write()  # rows so far survive a run cut short by a time limit
 
-    def target(self, ops):
-        model, n = GPU_TARGET if self.cuda else CPU_TARGET
+    def target(self, ops, model=None, n=None, mem=True):
+        """Each op x provider at the device's target shape (or `model` / `n` tokens when given)."""
+        default = GPU_TARGET if self.cuda else CPU_TARGET
+        model, n = model or default[0], n or default[1]
         shape = MODELS[model]
         floor = self.guarded("gemm_floor", self.gemm_floor, shape, n)
         self.summary["target"] = {"model": model, "tokens": n, "gemm_floor_ms": floor}
@@ -199,7 +209,7 @@ class Bench:
                     continue
                 ours = provider == "fused-rlvr"
                 modes = ("fwd+bwd", "fwd", "bwd", "nograd") if ours else ("fwd+bwd", "fwd")
-                r = self.guarded(f"{op}/{provider}", self.one, op, provider, shape, n, modes=modes)
+                r = self.guarded(f"{op}/{provider}", self.one, op, provider, shape, n, modes=modes, mem=mem)
                 if r:
                     if floor:
                         r["x_floor"] = r["fwd+bwd"] / floor
@@ -244,6 +254,73 @@ class Bench:
                 )
                 out[f"vocab/{provider}/{shape.vocab}"] = r
 
+    def epilogue(self):
+        """Time the per-token GRPO epilogue (loss and d loss / d lp) of plain ppo and of each variant."""
+        from fused_rlvr._kernels import kernel_module
+        from fused_rlvr.grpo import GRPOParams, grpo_token_loss_torch
+
+        b, t = 16, 512
+        dev = self.device
+        g = torch.Generator(device=dev).manual_seed(0)
+        lp = (-torch.rand(b, t, generator=g, device=dev) * 8).requires_grad_()
+        old = lp.detach() + 0.1 * torch.randn(b, t, generator=g, device=dev)
+        ref = lp.detach() + 0.1 * torch.randn(b, t, generator=g, device=dev)
+        adv = torch.randn(b, generator=g, device=dev)
+        mask = torch.ones(b, t, device=dev)
+        mask[:, : t // 8] = 0
+        pgw = torch.exp(0.05 * torch.randn(b, t, generator=g, device=dev)).clamp(max=2.0)
+        inv = 1.0 / float(mask.sum())
+        out = self.summary.setdefault("epilogue", {})
+        for provider in ("torch", "triton") if self.cuda else ("torch",):
+            for variant in ("grpo", *GRPO_VARIANTS):
+                kw = dict(GRPO_BASE, **GRPO_VARIANTS.get(variant, {}))
+                weights = pgw if kw.pop("pg_weights", None) else None
+                params = GRPOParams(**kw)
+
+                def fn(params=params, weights=weights, provider=provider):
+                    if provider == "torch":
+                        loss, _ = grpo_token_loss_torch(
+                            lp, None, old, ref, adv, mask, None, params, inv, weights
+                        )
+                        return torch.autograd.grad(loss, lp)
+                    return kernel_module("grpo_loss", False).grpo_token_loss(
+                        lp.detach(),
+                        None,
+                        old,
+                        ref,
+                        adv,
+                        mask,
+                        None,
+                        weights,
+                        policy_loss=params.policy_loss,
+                        eps_low=params.eps_low,
+                        eps_high=params.eps_high,
+                        dual_clip=None,
+                        beta=params.beta,
+                        kl=params.kl,
+                        kl_ratio_weighted=params.kl_ratio_weighted,
+                        entropy_coef=0.0,
+                        inv_divisor=inv,
+                        seq_mean=False,
+                        clamp=params.log_ratio_clamp,
+                        interpret=False,
+                    )
+
+                timing = self.timing(fn)
+                for metric in ("median_ms", "p20_ms", "p80_ms"):
+                    self.rec.add(
+                        "grpo_epilogue",
+                        f"fused-rlvr-{provider}",
+                        "fwd+bwd",
+                        metric,
+                        getattr(timing, metric),
+                        x_name="variant",
+                        x=variant,
+                        shape=f"B={b},T={t}",
+                        dtype="torch.float32",
+                    )
+                out[f"{provider}/{variant}"] = timing.median_ms
+
     def write(self):
         os.makedirs(self.out, exist_ok=True)
         self.rec.write(os.path.join(self.out, "results.csv"))
@@ -257,19 +334,29 @@ def main(argv=None) -> int:
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"]
     )
     ap.add_argument("--out", default=None)
-    ap.add_argument("--sections", nargs="+", default=["target", "scaling"], choices=["target", "scaling"])
+    ap.add_argument(
+        "--sections",
+        nargs="+",
+        default=["target", "scaling", "epilogue"],
+        choices=["target", "scaling", "epilogue"],
+    )
     ap.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and grid points")
+    ap.add_argument("--target-model", default=None, choices=sorted(MODELS), help="target section: this model")
+    ap.add_argument("--target-tokens", type=int, default=None, help="target section: this many tokens")
+    ap.add_argument("--no-memory", action="store_true", help="target section: timings only")
     args = ap.parse_args(argv)
     out = args.out or os.environ.get("OUT") or f"bench/results/{args.device}"
     b = Bench(args.device, out, args.quick)
     print(b.summary["device"], b.summary["versions"], flush=True)
     t0 = time.time()
     if "target" in args.sections:
-        b.target(args.ops)
+        b.target(args.ops, args.target_model, args.target_tokens, mem=not args.no_memory)
         b.write()
     if "scaling" in args.sections:
         b.scaling()
+    if "epilogue" in args.sections:
+        b.guarded("epilogue", b.epilogue)
     b.summary["wall_s"] = time.time() - t0
     b.write()
     print_summary(b.summary)
@@ -283,13 +370,20 @@ def print_summary(summary):
         f"GEMM fwd+bwd floor {t.get('gemm_floor_ms') or float('nan'):.1f} ms"
     )
     for key, r in summary["results"].items():
-        op = key.split("/")[0]
+        op, provider = key.split("/")
         base = summary["results"].get(f"{op}/torch", {}).get("fwd+bwd")
         vs = f"  {r['fwd+bwd'] / base:.2f}x torch" if base else ""
+        ppo = summary["results"].get(f"grpo/{provider}", {}).get("fwd+bwd")
+        if op in GRPO_VARIANTS and ppo:
+            vs += f"  {r['fwd+bwd'] / ppo:.3f}x grpo (ppo)"
         floor = f"  {r['x_floor']:.2f}x floor" if "x_floor" in r else ""
         frac = r.get("added_over_fp32_logits")
         mem = f"  added mem {frac:.2%} of fp32 logits" if frac is not None else ""
         print(f"  {key:34s} fwd+bwd {r['fwd+bwd']:9.1f} ms{vs}{floor}{mem}")
+    for key, ms in summary.get("epilogue", {}).items():
+        provider = key.split("/")[0]
+        ppo = summary["epilogue"].get(f"{provider}/grpo")
+        print(f"  epilogue {key:25s} {ms:9.3f} ms  {ms / ppo:.3f}x ppo")
     for key, why in summary.get("not_supported", {}).items():
         print(f"  {key:34s} not supported: {why}")
     for key in summary.get("errors", {}):

@@ -15,9 +15,10 @@ if _ilu.find_spec("fused_rlvr.kernels") is None:  # a source checkout used witho
 
 from fused_rlvr._validation import set_target_check  # noqa: E402
 from fused_rlvr.advantages import SteerConfig, group_advantages, steer_weights  # noqa: E402
-from fused_rlvr.grpo import GRPOStats, linear_grpo_loss  # noqa: E402
+from fused_rlvr.grpo import GRPO_PARTS, POLICY_LOSSES, GRPOStats, linear_grpo_loss  # noqa: E402
 from fused_rlvr.linear_logprobs import linear_entropy_moments, linear_logprobs  # noqa: E402
 from fused_rlvr.modules import LinearGRPOLoss, LinearPACSLoss  # noqa: E402
+from fused_rlvr.off_policy import ROLLOUT_CORRECTION_MODES, rollout_correction  # noqa: E402
 from fused_rlvr.pacs import PACSStats, linear_pacs_loss  # noqa: E402
 from fused_rlvr.types import IGNORE_INDEX, TokenStats  # noqa: E402
 from fused_rlvr.vocab_parallel import VocabParallel  # noqa: E402
@@ -25,7 +26,10 @@ from fused_rlvr.vocab_parallel import VocabParallel  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "GRPO_PARTS",
     "IGNORE_INDEX",
+    "POLICY_LOSSES",
+    "ROLLOUT_CORRECTION_MODES",
     "GRPOStats",
     "LinearGRPOLoss",
     "LinearPACSLoss",
@@ -38,6 +42,7 @@ __all__ = [
     "linear_grpo_loss",
     "linear_logprobs",
     "linear_pacs_loss",
+    "rollout_correction",
     "set_target_check",
     "steer_weights",
 ]

@@ -136,7 +136,8 @@ def check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend, *,
 
 
 def as_mask(name: str, mask, shape) -> torch.Tensor:
-    """A [B, T] 0/1 mask as float32; bool or integer/float tensors holding only 0 and 1."""
+    """A [B, T] 0/1 mask as contiguous float32 (any input layout gives the same result); bool or
+    integer/float tensors holding only 0 and 1."""
     check_tensor(name, mask)
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)} (that of targets), got {tuple(mask.shape)}")
@@ -145,7 +146,7 @@ def as_mask(name: str, mask, shape) -> torch.Tensor:
             f"{name} must be boolean or hold only 0 and 1; got values such as "
             f"{mask[(mask != 0) & (mask != 1)].flatten()[:3].tolist()}"
         )
-    return mask.to(torch.float32)
+    return mask.to(torch.float32).contiguous()
 
 
 def per_token(name: str, value, shape, *, allow_none: bool = True, allow_per_sequence: bool = False):
@@ -170,3 +171,38 @@ def non_negative(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
+
+
+def finite_where(name: str, value: torch.Tensor, valid: torch.Tensor, *, allow_nan: bool = False) -> None:
+    """Raise unless `value` is finite (or NaN, with allow_nan) wherever `valid` is True (broadcast)."""
+    ok = torch.isfinite(value) | (torch.isnan(value) if allow_nan else False)
+    bad = valid & ~ok
+    if bool(bad.any()):
+        where = bad.nonzero()[0].tolist()
+        shown = value.expand_as(bad)[tuple(where)].item()
+        expected = "finite or NaN" if allow_nan else "finite"
+        raise ValueError(f"{name} must be {expected} where mask is 1; {name}{where} = {shown}")
+
+
+def token_weights(name: str, value, shape, mask: torch.Tensor) -> torch.Tensor:
+    """Check per-token [B, T] or per-sequence [B, 1] / [B] weights: floating point (or a boolean mask),
+    finite and >= 0 where mask is 1 (anything elsewhere). Returns them detached as contiguous fp32 [B, T] or
+    [B, 1]."""
+    check_tensor(name, value)
+    b, t = shape
+    if tuple(value.shape) not in ((b, t), (b, 1), (b,)):
+        raise ValueError(f"{name} must have shape {(b, t)}, {(b, 1)} or {(b,)}, got {tuple(value.shape)}")
+    if not (value.is_floating_point() or value.dtype == torch.bool):
+        raise TypeError(f"{name} must be a floating-point or boolean tensor, got {value.dtype}")
+    if value.device != mask.device:
+        raise ValueError(f"{name} is on {value.device} but mask is on {mask.device}")
+    w = value.detach().to(torch.float32).reshape(b, -1)
+    valid = mask > 0
+    if w.shape[1] == 1:
+        valid = valid.any(1, keepdim=True)
+    finite_where(name, w, valid)
+    neg = valid & (w < 0)
+    if bool(neg.any()):
+        where = neg.nonzero()[0].tolist()
+        raise ValueError(f"{name} must be >= 0 where mask is 1; {name}{where} = {w[tuple(where)].item()}")
+    return w.contiguous()

@@ -17,35 +17,47 @@ class LinearGRPOLoss(torch.nn.Module):
     def __init__(
         self,
         *,
+        policy_loss: str = "ppo",
         beta: float = 0.0,
         kl: str = "k3",
         eps_low: float = 0.2,
         eps_high: float = 0.2,
         dual_clip: Optional[float] = None,
+        ratio_cap: Optional[float] = None,
+        sapo_tau_pos: float = 1.0,
+        sapo_tau_neg: float = 1.05,
         importance: str = "token",
         agg: str = "token-mean",
         entropy_coef: float = 0.0,
         steer: Optional[SteerConfig] = None,
+        kl_ratio_weighted: bool = False,
+        kl_clamp: Optional[float] = 10.0,
+        log_ratio_clamp: Optional[float] = 20.0,
         temperature: float = 1.0,
         softcap: Optional[float] = None,
         backend: str = "auto",
-        logratio_clamp: float = 20.0,
     ):
         super().__init__()
         self.kwargs = dict(
+            policy_loss=policy_loss,
             beta=beta,
             kl=kl,
             eps_low=eps_low,
             eps_high=eps_high,
             dual_clip=dual_clip,
+            ratio_cap=ratio_cap,
+            sapo_tau_pos=sapo_tau_pos,
+            sapo_tau_neg=sapo_tau_neg,
             importance=importance,
             agg=agg,
             entropy_coef=entropy_coef,
             steer=steer,
+            kl_ratio_weighted=kl_ratio_weighted,
+            kl_clamp=kl_clamp,
+            log_ratio_clamp=log_ratio_clamp,
             temperature=temperature,
             softcap=softcap,
             backend=backend,
-            logratio_clamp=logratio_clamp,
         )
 
     def forward(
@@ -58,13 +70,15 @@ class LinearGRPOLoss(torch.nn.Module):
         *,
         old_logprobs=None,
         ref_logprobs=None,
+        pg_weights=None,
         bias=None,
         normalizer=None,
         max_len=None,
         old_entropy=None,
         vocab_parallel=None,
     ) -> tuple[torch.Tensor, GRPOStats]:
-        """vocab_parallel: `weight` is this rank's vocabulary shard (see linear_logprobs)."""
+        """The per-batch inputs of `linear_grpo_loss` (pg_weights: policy-gradient weights, e.g. from
+        `rollout_correction`); vocab_parallel: `weight` is this rank's vocabulary shard."""
         return linear_grpo_loss(
             hidden,
             weight,
@@ -73,6 +87,7 @@ class LinearGRPOLoss(torch.nn.Module):
             mask,
             old_logprobs=old_logprobs,
             ref_logprobs=ref_logprobs,
+            pg_weights=pg_weights,
             bias=bias,
             normalizer=normalizer,
             max_len=max_len,

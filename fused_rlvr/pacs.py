@@ -163,7 +163,7 @@ def linear_pacs_loss(
     if params.backend == "triton":
         scores = _SequenceScoreTriton.apply(lp, old, m, beta, params.interpret)
     else:
-        scores = beta * ((lp - old) * m).sum(1)
+        scores = beta * torch.where(m > 0, lp - old, 0.0).sum(1)  # masked values never read
     return pacs_loss_from_scores(
         scores, rewards, group_ids, baseline=baseline, class_balance=class_balance, normalizer=normalizer
     )

@@ -14,14 +14,16 @@ def ref_token_stats(hidden, weight, targets, mask, *, temperature=1.0, bias=None
     return reference_logprobs(hidden, weight, y, bias=bias, temperature=temperature, softcap=softcap)
 
 
-def _kl(x, kind):
+def _kl(x, kind, clamp=10.0):
     base = kind.rstrip("+")
     if base == "k1":
         val = x
     elif base == "k2":
         val = x * x / 2
     else:
-        val = torch.clamp(torch.exp(-x) + x - 1, -10, 10)
+        val = torch.exp(-x) + x - 1
+        if clamp is not None:
+            val = torch.clamp(val, -clamp, clamp)
     if kind.endswith("+"):
         val = val.detach() + (x * x / 2 - (x * x / 2).detach())
     return val
@@ -46,43 +48,71 @@ def ref_grpo_loss(
     steer_w=None,
     normalizer=None,
     max_len=None,
+    policy_loss="ppo",
+    ratio_cap=None,
+    sapo_tau_pos=1.0,
+    sapo_tau_neg=1.05,
+    pg_weights=None,
+    kl_ratio_weighted=False,
+    kl_clamp=10.0,
+    log_ratio_clamp=20.0,
 ):
-    """Loss from per-token lp / entropy tensors (float64, differentiable), one token at a time."""
+    """Loss from per-token lp / entropy tensors (float64, differentiable), one token at a time.
+
+    pg_weights: [B, T] or [B, 1] (already evaluated). The sequence ratio of importance="sequence" is applied
+    per token as sg[s] exp(lp - sg[lp]); that of "sequence-mean" keeps the graph through the mean.
+    """
     B, T = mask.shape
     L = T if max_len is None else max_len
+
+    def clamp(x):
+        return x if log_ratio_clamp is None else torch.clamp(x, -log_ratio_clamp, log_ratio_clamp)
+
     per_seq_sums, per_seq_counts = [], []
     for i in range(B):
         toks = [t for t in range(T) if mask[i, t]]
         n_i = len(toks)
         seq_ratio = None
-        if importance == "sequence":
-            if old is None:
-                mean_lr = torch.zeros((), dtype=lp.dtype)
-            else:
-                mean_lr = sum(
-                    ((lp[i, t] - old[i, t]).detach() for t in toks), torch.zeros((), dtype=lp.dtype)
-                )
-                mean_lr = mean_lr / max(n_i, 1)
-            seq_ratio = torch.exp(mean_lr.clamp(-20, 20))
+        if importance in ("sequence", "sequence-mean"):
+            total_lr = torch.zeros((), dtype=lp.dtype)
+            for t in toks:
+                o = lp[i, t].detach() if old is None else old[i, t]
+                total_lr = total_lr + (lp[i, t] - o)
+            mean_lr = total_lr / max(n_i, 1)
+            if importance == "sequence":
+                mean_lr = mean_lr.detach()
+            seq_ratio = torch.exp(clamp(mean_lr))
         total = torch.zeros((), dtype=lp.dtype)
         for t in toks:
             a = adv[i, t] if adv.dim() == 2 else adv[i]
             o = lp[i, t].detach() if old is None else old[i, t]
-            if seq_ratio is not None:
+            if importance == "sequence":
                 r = seq_ratio * torch.exp(lp[i, t] - lp[i, t].detach())
+            elif importance == "sequence-mean":
+                r = seq_ratio
             else:
-                r = torch.exp(torch.clamp(lp[i, t] - o, -20, 20))
-            s1 = -a * r
-            s2 = -a * torch.clamp(r, 1 - eps_low, 1 + eps_high)
-            loss_t = s1 if s1 >= s2 else s2
-            if dual_clip is not None and a < 0:
-                cap = -a * dual_clip
-                if cap < loss_t:
-                    loss_t = cap * torch.ones((), dtype=lp.dtype)
+                r = torch.exp(clamp(lp[i, t] - o))
+            if policy_loss == "ppo":
+                r1 = r if ratio_cap is None else torch.clamp(r, max=ratio_cap)
+                s1 = -a * r1
+                s2 = -a * torch.clamp(r, 1 - eps_low, 1 + eps_high)
+                loss_t = s1 if s1 >= s2 else s2
+                if dual_clip is not None and a < 0:
+                    cap = -a * dual_clip
+                    if cap < loss_t:
+                        loss_t = cap * torch.ones((), dtype=lp.dtype)
+            elif policy_loss == "cispo":
+                loss_t = -torch.clamp(r, max=eps_high).detach() * a * lp[i, t]
+            else:
+                tau = sapo_tau_pos if a > 0 else sapo_tau_neg
+                loss_t = -a * torch.sigmoid(tau * (r - 1)) * 4 / tau
             if steer_w is not None:
                 loss_t = loss_t * steer_w[i, t]
+            if pg_weights is not None:
+                loss_t = loss_t * pg_weights[i, t if pg_weights.shape[1] > 1 else 0]
             if beta > 0:
-                loss_t = loss_t + beta * _kl(lp[i, t] - ref[i, t], kl)
+                k = _kl(lp[i, t] - ref[i, t], kl, kl_clamp)
+                loss_t = loss_t + beta * (k * r if kl_ratio_weighted else k)
             if entropy_coef:
                 loss_t = loss_t - entropy_coef * ent[i, t]
             total = total + loss_t
@@ -100,6 +130,28 @@ def ref_grpo_loss(
     if agg == "dr_grpo":
         return sum(per_seq_sums) / (normalizer or B * L)
     raise ValueError(agg)
+
+
+def ref_rollout_correction(old, rollout, mask, mode, clip_min, clip_max):
+    """TRL's vLLM importance-sampling weights, one token at a time in python floats ([B, T] or [B, 1])."""
+    B, T = mask.shape
+    diffs = [[0.0] * T for _ in range(B)]
+    for i in range(B):
+        for t in range(T):
+            if mask[i, t] and not math.isnan(float(rollout[i, t])):
+                diffs[i][t] = float(old[i, t]) - float(rollout[i, t])
+    lo = -math.inf if clip_min is None else clip_min
+    hi = math.inf if clip_max is None else clip_max
+
+    def one(d):
+        w = math.exp(d)
+        if mode.endswith("truncate"):
+            return min(max(w, lo), hi)
+        return w if lo <= w <= hi else 0.0
+
+    if mode.startswith("sequence"):
+        return torch.tensor([[one(math.fsum(diffs[i]))] for i in range(B)], dtype=torch.float64)
+    return torch.tensor([[one(diffs[i][t]) for t in range(T)] for i in range(B)], dtype=torch.float64)
 
 
 def ref_steer_exp(lp, old, old_ent, adv, mask, lambda_min=0.8):

@@ -171,7 +171,7 @@ def ranks():
                 for p in ctx.processes:
                     p.kill()
                 pytest.fail(f"the {WORLD} gloo processes did not finish within {TIMEOUT_S} s")
-        out = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
+        out = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
     for r, res in enumerate(out):
         assert "worker_error" not in res, f"rank {r}: {res['worker_error']}"
     return out

@@ -460,7 +460,7 @@ def _spawn(device):
                 for p in ctx.processes:
                     p.kill()
                 pytest.fail(f"the {WORLD} processes did not finish within {TIMEOUT_S} s")
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # noq
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
+import fused_rlvr as F  # noqa: E402
 from fused_rlvr.integrations.trl import FusedGRPOTrainer, add_fused_lm_head  # noqa: E402
 
 V = 300  # the chunked torch path below splits it into 64-column tiles; H = 16, so no other dim is 300
@@ -168,8 +169,7 @@ def test_rollout_old_and_reference_logprobs_match_trl(pair):
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo", "bnpo"])
 @pytest.mark.parametrize("beta, bias_correction_kl", [(0.0, False), (0.04, False), (0.04, True)])
 def test_loss_and_grads_match_trl(pair, monkeypatch, loss_type, beta, bias_correction_kl):
-    """linear_grpo_loss computes the loss, except for TRL's default bias-corrected KL (ratio * k3), which
-    runs TRL's loss code on the fused log-probs."""
+    """linear_grpo_loss computes the loss, TRL's default bias-corrected KL (ratio * k3) included."""
     stock, ours, inputs, _ = pair
     eps_high = 0.28 if loss_type == "dapo" else 0.2
     _compare(
@@ -177,7 +177,7 @@ def test_loss_and_grads_match_trl(pair, monkeypatch, loss_type, beta, bias_corre
         ours,
         _perturbed(inputs),
         monkeypatch,
-        expect_fused=not bias_correction_kl,
+        expect_fused=True,
         bias_correction_kl=bias_correction_kl,
         loss_type=loss_type,
         beta=beta,
@@ -236,18 +236,10 @@ def test_entropy_mask_and_bonus_match_trl(pair, monkeypatch, loss_type):
     )
 
 
-@pytest.mark.parametrize("loss_type", ["cispo", "sapo"])
-def test_other_loss_types_use_trl_code_on_fused_logprobs(pair, monkeypatch, loss_type):
+def test_vespo_uses_trl_code_on_fused_logprobs(pair, monkeypatch):
     stock, ours, inputs, _ = pair
-    _compare(
-        stock,
-        ours,
-        _perturbed(inputs, seed=4),
-        monkeypatch,
-        expect_fused=False,
-        loss_type=loss_type,
-        epsilon_high=5.0 if loss_type == "cispo" else 0.2,
-    )
+    _compare(stock, ours, _perturbed(inputs, seed=4), monkeypatch, expect_fused=False, loss_type="vespo")
+    assert "vespo" in ours.fused_loss_path(inputs)[1]
 
 
 def test_one_training_step_matches_trl(model_dir, tmp_path):
@@ -313,7 +305,7 @@ def test_no_logits_are_materialised(pair, monkeypatch):
     try:
         for kwargs in (
             dict(),
-            dict(top_entropy_quantile=0.5),
+            dict(top_entropy_quantile=0.5, entropy_coef=0.05, _entropy_bonus_enabled=True),
         ):  # the fused loss and TRL's code on fused stats
             with monkeypatch.context() as m:
                 for key, value in kwargs.items():
@@ -360,3 +352,360 @@ def test_add_fused_lm_head_contract(model_dir):
         assert rel_err(getattr(b, key), getattr(a, key)) < 1e-6, key
     assert torch.equal(a.label_mask, b.label_mask)
     torch.testing.assert_close(mine(input_ids=ids).logits, theirs(input_ids=ids).logits)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TRL's other loss types, delta, masks and vLLM importance sampling on the fused path: loss, gradient of
+# every parameter and every metric TRL's loss logs, against TRL's own compute_loss.
+
+
+def _compare_fused(stock, ours, inputs, monkeypatch, *, args=None, **attrs):
+    """Like _compare, with `args` set on both configs, the fused path required, and the metrics appended by
+    compute_loss (names and values) equal to TRL's."""
+    for trainer in (stock, ours):
+        for key, value in (args or {}).items():
+            monkeypatch.setattr(trainer.args, key, value)
+        for key, value in attrs.items():
+            monkeypatch.setattr(trainer, key, value)
+    before = [{k: len(v) for k, v in t._metrics["train"].items()} for t in (stock, ours)]
+    fused, reason = ours.fused_loss_path(inputs)
+    assert fused, reason
+    ref_loss, ref_grads = _loss_and_grads(stock, inputs)
+    loss, grads = _loss_and_grads(ours, inputs)
+    assert ref_loss.abs() > 1e-4
+    assert abs(loss.item() - ref_loss.item()) <= 2e-6 * abs(ref_loss.item()) + 1e-7, (loss, ref_loss)
+    assert grads.keys() == ref_grads.keys() and len(grads) == len(list(ours.model.parameters()))
+    worst = max(rel_err(grads[k], ref_grads[k]) for k in ref_grads)
+    assert worst < 1e-5, worst
+    logged = []
+    for trainer, lengths in zip((stock, ours), before):
+        logged.append({k: v[lengths.get(k, 0) :] for k, v in trainer._metrics["train"].items()})
+        logged[-1] = {k: v for k, v in logged[-1].items() if v}
+    assert logged[1].keys() == logged[0].keys(), (sorted(logged[1]), sorted(logged[0]))
+    for key in logged[0]:
+        assert logged[1][key] == pytest.approx(logged[0][key], rel=1e-5, abs=1e-6), key
+    return logged[0]
+
+
+def _with_empty_sequence(x):
+    x = dict(x)
+    x["completion_mask"] = x["completion_mask"].clone()
+    x["completion_mask"][3] = 0  # a completion with no scored token
+    x["num_items_in_batch"] = x["completion_mask"].sum()
+    return x
+
+
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo", "luspo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_cispo_sapo_luspo_match_trl(pair, monkeypatch, loss_type, level, beta):
+    stock, ours, inputs, _ = pair
+    x = _perturbed(inputs, seed=4)
+    if level == "sequence":
+        x["old_per_token_logps"] = inputs["old_per_token_logps"] + 0.1 * torch.randn_like(
+            x["old_per_token_logps"]
+        )
+    logged = _compare_fused(
+        stock,
+        ours,
+        x,
+        monkeypatch,
+        args=dict(use_bias_correction_kl=True, sapo_temperature_pos=1.5, sapo_temperature_neg=0.7),
+        loss_type=loss_type,
+        beta=beta,
+        importance_sampling_level=level,
+        epsilon_high=(1.05 if level == "token" else 1.01) if loss_type == "cispo" else 0.2,
+        current_gradient_accumulation_steps=2,
+    )
+    if loss_type == "cispo":
+        assert 0 < logged["cispo_clip_ratio"][0] < 1  # the cap binds on some tokens (sequences)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_bias_corrected_kl_delta_and_clip_metrics_match_trl(pair, monkeypatch, level, loss_type):
+    """dapo / grpo + beta with TRL's bias-corrected KL and two-sided clipping delta; a completion without
+    scored tokens; clip_ratio/low_min and high_max among the metrics."""
+    stock, ours, inputs, _ = pair
+    x = _with_empty_sequence(_perturbed(inputs, seed=5))
+    noise = 0.6 if level == "token" else 0.1
+    x["old_per_token_logps"] = inputs["old_per_token_logps"] + noise * torch.randn_like(
+        x["old_per_token_logps"]
+    )
+    logged = _compare_fused(
+        stock,
+        ours,
+        x,
+        monkeypatch,
+        args=dict(use_bias_correction_kl=True, delta=1.15),
+        loss_type=loss_type,
+        beta=0.04,
+        importance_sampling_level=level,
+        epsilon_high=0.28 if level == "token" else 0.04,
+        epsilon_low=0.2 if level == "token" else 0.03,
+        current_gradient_accumulation_steps=2,
+    )
+    assert {"kl", "clip_ratio/low_min", "clip_ratio/high_max"} <= logged.keys()
+    assert logged["clip_ratio/region_mean"][0] > 0
+
+
+def test_large_k3_matches_trl_without_clamps(pair, monkeypatch):
+    """Reference log-probs far from the policy: k3 in the hundreds, where verl's clamp (our default) would
+    change the loss; the trainer passes TRL's definition (no clamps)."""
+    stock, ours, inputs, _ = pair
+    x = _perturbed(inputs, seed=6)
+    x["ref_per_token_logps"] = inputs["old_per_token_logps"] + 2.5 * torch.randn_like(
+        x["old_per_token_logps"]
+    )
+    m = x["completion_mask"].bool()
+    d = x["ref_per_token_logps"] - inputs["old_per_token_logps"]
+    assert (torch.exp(d) - d - 1)[m].max() > 100
+    _compare_fused(stock, ours, x, monkeypatch, args=dict(use_bias_correction_kl=True), beta=0.04)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "cispo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_entropy_mask_matches_trl(pair, monkeypatch, loss_type, level):
+    """top_entropy_quantile: TRL's mask from the entropies of the current batch, as pg_weights."""
+    stock, ours, inputs, _ = pair
+    _compare_fused(
+        stock,
+        ours,
+        _perturbed(inputs, seed=7),
+        monkeypatch,
+        loss_type=loss_type,
+        importance_sampling_level=level,
+        top_entropy_quantile=0.4,
+        epsilon_high=1.1 if loss_type == "cispo" else 0.2,
+    )
+
+
+@pytest.mark.parametrize("with_sampling_logps", [False, True])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_off_policy_mask_matches_trl(pair, monkeypatch, with_sampling_logps, level):
+    """off_policy_mask_threshold: negative-advantage sequences whose mean KL to the sampling policy exceeds the
+    threshold are dropped (from the current log-probs, as TRL computes it)."""
+    stock, ours, inputs, _ = pair
+    x = _perturbed(inputs, seed=8)
+    g = torch.Generator().manual_seed(9)
+    if with_sampling_logps:
+        x["sampling_per_token_logps"] = inputs["old_per_token_logps"] + 0.5 * torch.rand(
+            x["advantages"].shape[0], 1, generator=g
+        )
+    else:
+        x["old_per_token_logps"] = inputs["old_per_token_logps"] + 0.5 * torch.rand(
+            x["advantages"].shape[0], 1, generator=g
+        )
+    _compare_fused(
+        stock, ours, x, monkeypatch, importance_sampling_level=level, off_policy_mask_threshold=0.25
+    )
+    # the mask does drop sequences here
+    from trl import GRPOTrainer as _T  # noqa: N814
+
+    sampling = x.get("sampling_per_token_logps", x["old_per_token_logps"])
+    keep = _T.get_off_policy_mask(
+        x["advantages"][:, None], inputs["old_per_token_logps"], sampling, x["completion_mask"], 0.25
+    )
+    assert 0 < keep.sum() < len(keep)
+
+
+def _vllm_inputs(trainer, mode, clip_min, clip_max):
+    """TRL's own rollout with vLLM's importance-sampling correction on: the rollout engine's log-probs are
+    made up (the trainer's old log-probs of the same completions plus noise, one of them NaN, as vLLM reports
+    a token it cannot score), and TRL computes importance_sampling_ratio from them with its own code."""
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    torch.manual_seed(123)
+    plain = trainer._generate_and_score_completions(batch)  # the same completions and their old log-probs
+    original = trainer._generate
+    g = torch.Generator().manual_seed(11)
+
+    def generate_with_logprobs(prompts):
+        trainer.use_vllm = False  # generate with transformers; TRL's vLLM-only steps come after
+        try:
+            out = list(original(prompts))
+        finally:
+            trainer.use_vllm = True
+        logps = []
+        for i, ids in enumerate(out[1]):
+            row = (
+                plain["old_per_token_logps"][i, : len(ids)] + 0.4 * torch.randn(len(ids), generator=g)
+            ).tolist()
+            if i == 1:
+                row[0] = None
+            logps.append(row)
+        out[4] = logps
+        return tuple(out)
+
+    saved = {k: getattr(trainer, k) for k in _VLLM_ATTRS}
+    try:
+        trainer._generate = generate_with_logprobs
+        trainer.use_vllm = True
+        trainer.vllm_importance_sampling_correction = True
+        trainer.vllm_importance_sampling_mode = mode
+        trainer.vllm_importance_sampling_clip_min = clip_min
+        trainer.vllm_importance_sampling_clip_max = clip_max
+        torch.manual_seed(123)
+        x = trainer._generate_and_score_completions(batch)
+    finally:
+        del trainer._generate
+        for k, v in saved.items():
+            setattr(trainer, k, v)
+    assert torch.equal(x["completion_ids"], plain["completion_ids"])
+    return x
+
+
+_VLLM_ATTRS = (
+    "use_vllm",
+    "vllm_importance_sampling_correction",
+    "vllm_importance_sampling_mode",
+    "vllm_importance_sampling_clip_min",
+    "vllm_importance_sampling_clip_max",
+)
+
+
+@pytest.mark.parametrize(
+    "mode, clip_min, clip_max",
+    [
+        ("token_truncate", None, 1.2),
+        ("token_mask", 0.7, 1.4),
+        ("sequence_truncate", 0.6, 2.0),
+        ("sequence_mask", 0.3, 3.0),
+    ],
+)
+def test_vllm_importance_sampling_matches_trl(pair, monkeypatch, mode, clip_min, clip_max):
+    """rollout_correction reproduces the ratio TRL stored at rollout time; the fused loss weighted by it (the
+    trainer passes TRL's stored ratio as pg_weights) equals TRL's loss."""
+    stock, ours, _, _ = pair
+    x = _vllm_inputs(stock, mode, clip_min, clip_max)
+    mask = x["completion_mask"]
+    assert torch.isnan(x["sampling_per_token_logps"][1, 0])
+    weights = F.rollout_correction(
+        x["old_per_token_logps"],
+        x["sampling_per_token_logps"],
+        mask,
+        mode=mode,
+        clip_min=clip_min,
+        clip_max=clip_max,
+    )
+    stored = x["importance_sampling_ratio"]
+    assert weights.shape == stored.shape
+    if mode.startswith("token"):
+        weights, stored = weights[mask.bool()], stored[mask.bool()]  # TRL leaves exp(0) where masked
+    torch.testing.assert_close(weights, stored, rtol=1e-6, atol=0)
+    assert (stored != 1).any() and (stored > 0).any()
+    if mode.endswith("mask"):
+        assert (stored == 0).any()  # something is masked
+    y = dict(x)
+    y["advantages"] = torch.randn(x["advantages"].shape, generator=torch.Generator().manual_seed(3))
+    _compare_fused(
+        stock,
+        ours,
+        y,
+        monkeypatch,
+        use_vllm=True,
+        vllm_importance_sampling_correction=True,
+        vllm_importance_sampling_mode=mode,
+        vllm_importance_sampling_clip_min=clip_min,
+        vllm_importance_sampling_clip_max=clip_max,
+    )
+
+
+def test_everything_at_once_matches_trl(pair, monkeypatch):
+    """Sequence level, bias-corrected KL, delta, entropy mask, off-policy mask and token-level vLLM IS together."""
+    stock, ours, _, _ = pair
+    x = _vllm_inputs(stock, "token_mask", 0.6, 1.6)
+    x = _with_empty_sequence(
+        dict(x, advantages=torch.randn(x["advantages"].shape, generator=torch.Generator().manual_seed(4)))
+    )
+    x["ref_per_token_logps"] = x["old_per_token_logps"] + 0.3 * torch.randn_like(x["old_per_token_logps"])
+    _compare_fused(
+        stock,
+        ours,
+        x,
+        monkeypatch,
+        args=dict(use_bias_correction_kl=True, delta=1.3),
+        loss_type="grpo",
+        beta=0.04,
+        importance_sampling_level="sequence",
+        top_entropy_quantile=0.6,
+        off_policy_mask_threshold=0.05,
+        use_vllm=True,
+        vllm_importance_sampling_correction=True,
+        vllm_importance_sampling_mode="token_mask",
+        vllm_importance_sampling_clip_min=0.6,
+        vllm_importance_sampling_clip_max=1.6,
+        current_gradient_accumulation_steps=2,
+    )
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        dict(loss_type="cispo", epsilon_high=1.1),
+        dict(loss_type="sapo", beta=0.04),
+        dict(top_entropy_quantile=0.5, off_policy_mask_threshold=0.1, importance_sampling_level="sequence"),
+    ],
+    ids=["cispo", "sapo-kl", "masks-sequence"],
+)
+def test_no_logits_on_the_new_fused_paths(pair, monkeypatch, attrs):
+    stock, ours, inputs, _ = pair
+    monkeypatch.setenv("FUSED_RLVR_TORCH_CHUNK_BYTES", "4096")
+    monkeypatch.setattr(ours.args, "use_bias_correction_kl", True)
+    for key, value in attrs.items():
+        monkeypatch.setattr(ours, key, value)
+    x = _perturbed(inputs)
+    assert ours.fused_loss_path(x) == (True, "")
+    hook = ours.model.lm_head.register_forward_hook(_no_lm_head_call)
+    try:
+        with VocabGuard(V, V * H) as guard:
+            ours.compute_loss(ours.model, x).backward()
+    finally:
+        hook.remove()
+    assert 0 < guard.largest <= V * H
+
+
+@pytest.fixture(scope="module")
+def moe_pair(tmp_path_factory):
+    """A tiny randomly initialised Mixtral (4 experts, 2 per token): TRL adds its load-balancing loss."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    folder = str(tmp_path_factory.mktemp("tiny-mixtral"))
+    torch.manual_seed(0)
+    cfg = MixtralConfig(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        router_aux_loss_coef=0.05,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+        tie_word_embeddings=False,
+    )
+    MixtralForCausalLM(cfg).save_pretrained(folder)
+    _tokenizer().save_pretrained(folder)
+    tmp = str(tmp_path_factory.mktemp("out-moe"))
+    stock = _trainer(GRPOTrainer, folder, tmp)
+    ours = _trainer(FusedGRPOTrainer, folder, tmp)
+    ours.model.train()  # as _rollout leaves the stock model
+    return stock, ours, _rollout(stock)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_moe_aux_loss_matches_trl(moe_pair, monkeypatch, loss_type):
+    stock, ours, inputs = moe_pair
+    assert ours.aux_loss_enabled and ours.router_aux_loss_coef == 0.05
+    logged = _compare_fused(
+        stock,
+        ours,
+        _perturbed(inputs),
+        monkeypatch,
+        loss_type=loss_type,
+        current_gradient_accumulation_steps=2,
+    )
+    assert logged["aux_loss"][0] > 0

@@ -96,3 +96,66 @@ def test_grpo_equals_liger(backend, case):
     assert abs(ours.item() - peer_loss.item()) <= 1e-5 * max(1.0, abs(peer_loss.item()))
     assert rel_err(h2.grad, h1.grad) < 1e-4
     assert rel_err(w2.grad, w1.grad) < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type,beta", [("bnpo", 0.0), ("dapo", 0.04)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_large_k3_equals_liger_triton_loss_without_clamps(backend, loss_type, beta, seed):
+    """Liger's own Triton-loss test setup: raw logits, old / reference log-probs drawn from randn (so k3 reaches
+    tens and log-ratios several units). With kl_clamp=None and log_ratio_clamp=None (TRL's and Liger's
+    definitions) the loss and the logit gradient equal Liger's; verl's clamps (our defaults) change them."""
+    ops = pytest.importorskip("liger_kernel.transformers.grpo_loss")
+    g = torch.Generator().manual_seed(seed)
+    b, t, v = 2, 4, 16
+    logits = torch.randn(b, t + 1, v, generator=g)
+    ids = torch.randint(0, v, (b, t), generator=g)
+    mask = torch.randint(0, 2, (b, t), generator=g)
+    mask[:, 0] = 1
+    adv = torch.randn(b, generator=g)
+    old = torch.randn(b, t, generator=g)
+    ref = torch.randn(b, t, generator=g)
+
+    peer_logits = logits.clone().requires_grad_()
+    peer_loss, _ = ops.triton_grpo_loss(
+        logits=peer_logits,
+        old_logp=old,
+        ref_logp=ref if beta else None,
+        completion_ids=ids,
+        advantages=adv,
+        completion_mask=mask,
+        temperature=1.0,
+        beta=beta,
+        eps_low=0.2,
+        eps_high=0.2,
+        inplace=False,
+        loss_type=loss_type,
+        max_completion_length=t,
+        reduce=True,
+    )
+    peer_loss.backward()
+
+    def ours(**clamps):
+        hidden = logits[:, :-1].clone().requires_grad_()  # lm-head = identity: hidden @ I = the logits
+        loss, _ = F.linear_grpo_loss(
+            hidden,
+            torch.eye(v),
+            ids,
+            adv,
+            mask,
+            old_logprobs=old,
+            ref_logprobs=ref if beta else None,
+            beta=beta,
+            agg=loss_type,
+            backend=backend,
+            **clamps,
+        )
+        loss.backward()
+        return loss.detach(), hidden.grad
+
+    loss, grad = ours(kl_clamp=None, log_ratio_clamp=None)
+    assert abs(loss.item() - peer_loss.item()) <= 1e-5 * max(1.0, abs(peer_loss.item())), (loss, peer_loss)
+    assert rel_err(grad, peer_logits.grad[:, :-1]) < 1e-5
+    if beta:
+        clamped, _ = ours()
+        assert abs(clamped.item() - peer_loss.item()) > 1e-2 * abs(peer_loss.item())  # the clamp binds here

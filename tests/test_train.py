@@ -382,25 +382,6 @@ def test_sampling_ignores_the_models_generation_config():
     assert len({r[0] for r in plain}) > 2  # more first tokens than a top_k=2 sampler could give
 
 
-def test_checkpoint_pruning_keeps_the_new_one_and_drops_abandoned_later_steps(tmp_path):
-    from fused_rlvr.train.checkpoint import Checkpointer
-
-    root = str(tmp_path / "ck")
-
-    def steps():
-        return sorted(d for d in os.listdir(root) if d.startswith("step_"))
-
-    for step in (10, 20, 30):
-        Checkpointer(root, keep=1).save(step, {"step": step})
-    assert steps() == ["step_000030"]
-    # a resume from an older checkpoint that saves step 25: step 30 belongs to the abandoned run
-    Checkpointer(root, keep=2).save(25, {"step": 25})
-    assert steps() == ["step_000025"]
-    ck = Checkpointer(root, keep=2)
-    ck.save(25, {"step": 26})  # re-saving a step replaces it
-    assert ck.load(ck.latest())[0]["step"] == 26
-
-
 def test_no_heldout_problems_and_resume_with_a_new_lr(tmp_path):
     s = Trainer(tiny(tmp_path, "e", n_eval=0, steps=1), hooks=[DigitReward()]).train()
     assert s["before"]["n"] == 0 and math.isnan(s["after"]["accuracy"])

@@ -246,7 +246,7 @@ GRPO_CASES = [
         "importance",
         dict(importance="seq"),
         ValueError,
-        r"importance must be one of 'token', 'sequence'; got 'seq'",
+        r"importance must be one of 'token', 'sequence', 'sequence-mean'; got 'seq'",
     ),
     ("ref missing", dict(beta=0.1), ValueError, r"ref_logprobs is required when beta > 0 \(beta=0.1\)"),
     ("dual clip", dict(dual_clip=0.5), ValueError, r"dual_clip must be > 1"),

@@ -12,18 +12,22 @@ Two levels, both tested against TRL's own trainer (tests/test_integrations_trl.p
 2. `FusedGRPOTrainer(GRPOTrainer)`: GRPOTrainer with (1) applied to its policy and reference models (old and
    reference log-probs, entropies), and its training loss computed by `fused_rlvr.linear_grpo_loss` from the
    last hidden states and the lm-head weight, with TRL's semantics for loss_type ("grpo", "bnpo", "dr_grpo",
-   "dapo"), beta (k3 against the reference, with use_bias_correction_kl=False), epsilon / epsilon_high,
-   importance_sampling_level, temperature, num_items_in_batch, gradient accumulation and the static entropy
-   bonus (entropy_coef; not with "grpo"). scale_rewards and the advantages are TRL's own (computed at rollout
-   time, unchanged). What linear_grpo_loss does not express runs TRL's own loss code on the fused per-token
-   log-probs and entropies of (1): still no logits, TRL's exact semantics. That covers entropy masks
-   (top_entropy_quantile), the adaptive entropy bonus, the entropy bonus with "grpo", off-policy masks, vLLM
-   importance-sampling correction, the bias-corrected KL (ratio * k3: TRL's default when beta > 0),
-   two-sided clipping `delta`, the MoE aux loss, multimodal inputs and the loss types cispo / sapo / vespo /
-   luspo. `FusedGRPOTrainer.fused_loss_path(inputs)` says which one runs, and why.
-
-Differences from TRL, by design (from verl): the log-ratio lp - lp_old is clamped to +-20 before exp and the
-k3 KL to [-10, 10]; values agree whenever |lp - lp_old| <= 20 and k3 <= 10.
+   "dapo", "luspo": policy_loss="ppo"; "cispo"; "sapo" with sapo_temperature_pos/neg), beta (k3 against the
+   reference, ratio-weighted with use_bias_correction_kl, TRL's default), epsilon / epsilon_high, delta
+   (ratio_cap), importance_sampling_level ("sequence" -> importance="sequence-mean"), temperature,
+   num_items_in_batch, gradient accumulation, the static entropy bonus (entropy_coef; not with the
+   sequence-mean losses "grpo" / "sapo"), and, as pg_weights, entropy masks (top_entropy_quantile, from the
+   entropies of the current batch), off-policy masks (off_policy_mask_threshold) and vLLM importance
+   sampling (vllm_importance_sampling_correction: the ratio TRL stored at rollout time in
+   inputs["importance_sampling_ratio"], from its mode / clip settings; `fused_rlvr.rollout_correction`
+   computes the same weights). No clamps: TRL clamps neither the log-ratio nor k3. scale_rewards and the
+   advantages are TRL's own (computed at rollout time, unchanged). The metrics TRL's loss logs (kl, entropy,
+   clip_ratio/low_mean, high_mean, region_mean, low_min, high_max, cispo_clip_ratio, policy_loss,
+   entropy_coef) are logged under TRL's names. What linear_grpo_loss does not express runs TRL's own loss code
+   on the fused per-token log-probs and entropies of (1): still no logits, TRL's exact semantics. That covers
+   the loss type vespo, the adaptive entropy bonus, the entropy bonus with "grpo" / "sapo" or with an entropy
+   mask, and multimodal inputs. The MoE load-balancing loss (router_aux_loss_coef) is added as TRL adds it
+   (metric aux_loss). `FusedGRPOTrainer.fused_loss_path(inputs)` says which one runs, and why.
 
 Not supported (clear errors): a PEFT adapter on the lm-head, DeepSpeed ZeRO-3 (the fused backward re-reads the
 lm-head weight outside the module's gather hooks), models that rescale their logits (Cohere, Granite).
@@ -40,7 +44,7 @@ import torch
 
 try:
     from trl import GRPOTrainer
-    from trl.trainer.utils import FusedCausalLMOutput
+    from trl.trainer.utils import FusedCausalLMOutput, nanmax, nanmin
 except ImportError as err:  # pragma: no cover - exercised only without trl
     raise ImportError(
         "fused_rlvr.integrations.trl needs TRL: pip install 'fused-rlvr[trl]' (tested with trl 1.16)"
@@ -51,7 +55,19 @@ from fused_rlvr.integrations.hf import IGNORE_INDEX, _backbone, _match_head_dtyp
 from fused_rlvr.linear_logprobs import linear_logprobs
 
 SUPPORTED_OUTPUTS = ("log_probs", "entropy")
-FUSED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+# TRL's loss_type -> (linear_grpo_loss's policy_loss, agg): TRL aggregates sapo like grpo, cispo like dapo,
+# and luspo as sum_t m l averaged over sequences
+_LOSS_TYPES = {
+    "grpo": ("ppo", "grpo"),
+    "bnpo": ("ppo", "bnpo"),
+    "dr_grpo": ("ppo", "dr_grpo"),
+    "dapo": ("ppo", "dapo"),
+    "luspo": ("ppo", "seq-mean-token-sum"),
+    "cispo": ("cispo", "dapo"),
+    "sapo": ("sapo", "grpo"),
+}
+_PPO_LOSS_TYPES = tuple(k for k, (policy, _) in _LOSS_TYPES.items() if policy == "ppo")
+FUSED_LOSS_TYPES = tuple(_LOSS_TYPES)
 _MULTIMODAL_KEYS = (
     "pixel_values",
     "image_grid_thw",
@@ -228,27 +244,30 @@ class FusedGRPOTrainer(GRPOTrainer):
 
     def fused_loss_path(self, inputs: dict[str, Any]) -> tuple[bool, str]:
         """(True, "") when linear_grpo_loss computes the loss of `inputs`, else (False, the reason)."""
-        args = self.args
+        ppo_type = self.loss_type in _PPO_LOSS_TYPES
+        is_correction = self.use_vllm and self.vllm_importance_sampling_correction
         checks = [
             (not self.fused_loss, "fused_loss=False"),
-            (self.loss_type not in FUSED_LOSS_TYPES, f"loss_type={self.loss_type!r}"),
-            (self.top_entropy_quantile < 1.0, "top_entropy_quantile < 1 (entropy mask)"),
+            (
+                self.loss_type not in _LOSS_TYPES,
+                f"loss_type={self.loss_type!r} (its weights of the sequence ratio have no fused form here)",
+            ),
+            (ppo_type and not 0 < self.epsilon_high <= 1, f"epsilon_high={self.epsilon_high} outside (0, 1]"),
             (self._entropy_bonus_enabled and self.use_adaptive_entropy, "adaptive entropy bonus"),
             (
-                self._entropy_bonus_enabled and self.loss_type == "grpo",
-                "entropy bonus with loss_type='grpo' (TRL's bonus is a token mean, the loss a sequence mean)",
-            ),
-            (self.off_policy_mask_threshold is not None, "off_policy_mask_threshold"),
-            (
-                self.use_vllm and self.vllm_importance_sampling_correction,
-                "vLLM importance-sampling correction",
+                self._entropy_bonus_enabled and _LOSS_TYPES.get(self.loss_type, ("", ""))[1] == "grpo",
+                f"entropy bonus with loss_type={self.loss_type!r} (TRL's bonus is a token mean, the loss a "
+                "sequence mean)",
             ),
             (
-                self.beta != 0.0 and getattr(args, "use_bias_correction_kl", False),
-                "use_bias_correction_kl (TRL's default with beta > 0: the KL term is weighted by the ratio)",
+                self._entropy_bonus_enabled and self.top_entropy_quantile < 1.0,
+                "entropy bonus with top_entropy_quantile < 1 (TRL averages the bonus over the entropy-masked "
+                "tokens)",
             ),
-            (getattr(args, "delta", None) is not None, "delta (two-sided clipping)"),
-            (self.aux_loss_enabled, "MoE router aux loss"),
+            (
+                is_correction and "importance_sampling_ratio" not in inputs,
+                "vLLM importance-sampling correction without inputs['importance_sampling_ratio']",
+            ),
             (any(inputs.get(k) is not None for k in _MULTIMODAL_KEYS), "multimodal inputs"),
         ]
         for failed, reason in checks:
@@ -265,16 +284,45 @@ class FusedGRPOTrainer(GRPOTrainer):
     def _normalizer(self, mask: torch.Tensor, num_items_in_batch, mode: str) -> float:
         """TRL's whole-batch divisor for self.loss_type, gradient accumulation included."""
         accum = self.current_gradient_accumulation_steps if mode == "train" else 1
-        if self.loss_type == "grpo":
+        agg = _LOSS_TYPES[self.loss_type][1]
+        if agg in ("grpo", "seq-mean-token-sum"):  # grpo, sapo, luspo: a mean over sequences
             return float(mask.shape[0] * accum)
-        if self.loss_type == "bnpo":
+        if agg == "bnpo":
             return max(float(mask.sum()), 1.0) * accum
-        if self.loss_type == "dr_grpo":
+        if agg == "dr_grpo":
             return float(mask.shape[0] * self.max_completion_length * accum)
-        normalizer = float(num_items_in_batch.clamp(min=1.0)) / self.accelerator.num_processes  # dapo
+        normalizer = float(num_items_in_batch.clamp(min=1.0)) / self.accelerator.num_processes  # dapo, cispo
         if mode == "train":
             normalizer = normalizer * accum / self.args.steps_per_generation
         return normalizer
+
+    def _pg_weights(self, inputs, mask, advantages):
+        """TRL's multipliers of the per-token policy loss (off-policy mask, entropy mask, vLLM importance
+        sampling ratio) as linear_grpo_loss's pg_weights: None, a tensor, or a function of the call's
+        log-probs and entropies (the two masks read the current policy, as TRL computes them)."""
+        is_ratio = None
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            is_ratio = inputs["importance_sampling_ratio"]
+        threshold = self.off_policy_mask_threshold
+        quantile = self.top_entropy_quantile
+        if threshold is None and quantile >= 1.0:
+            return is_ratio
+        old = inputs.get("old_per_token_logps")
+        adv = advantages if advantages.dim() == 2 else advantages.unsqueeze(1)
+
+        def weights(lp: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+            w = torch.ones_like(lp)
+            if threshold is not None:  # TRL: the rollout log-probs when present, else the old ones
+                sampling = inputs.get("sampling_per_token_logps", lp if old is None else old)
+                keep = self.get_off_policy_mask(adv, lp, sampling, mask, threshold)
+                w = w * keep.to(lp.dtype)
+            if quantile < 1.0:
+                w = w * self.get_high_entropy_mask(entropy, mask, 1 - quantile).to(lp.dtype)
+            if is_ratio is not None:
+                w = w * is_ratio.to(lp.dtype)
+            return w
+
+        return weights
 
     def _fused_grpo_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
@@ -286,22 +334,25 @@ class FusedGRPOTrainer(GRPOTrainer):
         n_completion = completion_ids.size(1)
 
         # 1. last hidden states through the (possibly DDP-wrapped) model, so its hooks run as in TRL
+        extra = {"output_router_logits": True} if self.aux_loss_enabled else {}
         with self.accelerator.autocast():
-            out = model(input_ids=input_ids, attention_mask=attention_mask, fused_lm_head="hidden")
+            out = model(input_ids=input_ids, attention_mask=attention_mask, fused_lm_head="hidden", **extra)
         hidden = out.last_hidden_state[:, -n_completion - 1 : -1]  # position t scores completion token t
+        unwrapped = unwrap_model(self.accelerator.unwrap_model(model))
         hidden, weight, bias, softcap, ctx = head_inputs(
-            unwrap_model(self.accelerator.unwrap_model(model)),
-            hidden,
-            cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32,
+            unwrapped, hidden, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32
         )
 
-        # 2. TRL's normaliser and entropy bonus expressed for linear_grpo_loss
+        # 2. TRL's loss type, normaliser, clipping, KL and entropy bonus expressed for linear_grpo_loss
+        policy_loss, agg = _LOSS_TYPES[self.loss_type]
         divisor = self._normalizer(mask, inputs.get("num_items_in_batch"), mode)
         entropy_coef = 0.0
         if self._entropy_bonus_enabled:  # TRL: - coef * sum(m H) / sum(m) / accum, whatever the loss type
             accum = self.current_gradient_accumulation_steps if mode == "train" else 1
             entropy_coef = self.entropy_coef * divisor / (max(float(mask.sum()), 1.0) * accum)
         advantages = inputs["advantages"]
+        delta = getattr(self.args, "delta", None)
+        bias_corrected_kl = self.beta != 0.0 and bool(getattr(self.args, "use_bias_correction_kl", False))
         with ctx:
             loss, stats = linear_grpo_loss(
                 hidden,
@@ -311,13 +362,21 @@ class FusedGRPOTrainer(GRPOTrainer):
                 mask,
                 old_logprobs=inputs.get("old_per_token_logps"),
                 ref_logprobs=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
+                policy_loss=policy_loss,
                 beta=self.beta,
                 kl="k3",
+                kl_ratio_weighted=bias_corrected_kl,
+                kl_clamp=None,  # TRL clamps neither k3 nor the log-ratio
+                log_ratio_clamp=None,
                 eps_low=self.epsilon_low,
                 eps_high=self.epsilon_high,
-                importance=self.importance_sampling_level,
-                agg=self.loss_type,
+                ratio_cap=delta if policy_loss == "ppo" else None,  # TRL applies delta to its PPO losses
+                sapo_tau_pos=self.args.sapo_temperature_pos,
+                sapo_tau_neg=self.args.sapo_temperature_neg,
+                importance="sequence-mean" if self.importance_sampling_level == "sequence" else "token",
+                agg=agg,
                 entropy_coef=entropy_coef,
+                pg_weights=self._pg_weights(inputs, mask, advantages),
                 temperature=self.temperature,
                 bias=bias,
                 softcap=softcap,
@@ -325,28 +384,67 @@ class FusedGRPOTrainer(GRPOTrainer):
                 normalizer=divisor,
                 max_len=self.max_completion_length,
             )
-        self._log_fused_metrics(mode, stats, mask)
+        self._log_fused_metrics(mode, stats, mask, advantages)
+        if self.aux_loss_enabled:  # TRL: + coef * load-balancing loss, scaled for gradient accumulation
+            aux_loss = _router_aux_loss(unwrapped, out, attention_mask)
+            accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+            loss = loss + self.router_aux_loss_coef * aux_loss / accum
+            self._metrics[mode]["aux_loss"].append(
+                self.accelerator.gather_for_metrics(aux_loss).mean().item()
+            )
         return loss
 
-    def _log_fused_metrics(self, mode: str, stats, mask) -> None:
-        """TRL's metric names from GRPOStats (token means reduced over processes)."""
+    def _log_fused_metrics(self, mode: str, stats, mask, advantages) -> None:
+        """The metrics TRL's loss logs, under TRL's names, from GRPOStats (reduced over processes as TRL
+        does: token means, or sequence means where TRL's clip flags are one per sequence)."""
         n = stats.n_tokens.detach().float()
+        n_seqs = torch.tensor(float(mask.shape[0]), device=n.device)
+        per_sequence = self.importance_sampling_level == "sequence" and (
+            advantages.dim() == 1 or advantages.shape[1] == 1
+        )
 
-        def global_mean(local_mean):
-            local = torch.stack([local_mean.detach().float() * n, n])
+        def global_mean(local_mean, count):
+            local = torch.stack([local_mean.detach().float() * count, count])
             totals = self.accelerator.reduce(local, reduction="sum")
             return (totals[0] / totals[1].clamp(min=1.0)).item()
 
+        def clip_mean(token_mean, seq_mean):
+            return global_mean(seq_mean, n_seqs) if per_sequence else global_mean(token_mean, n)
+
+        def seq_extreme(value, lowest):
+            # TRL: nanmin / nanmax over every process's per-sequence fractions; a sequence without tokens is
+            # NaN at token level (skipped) and 0 at sequence level (its ratio is exp(0) = 1)
+            v = value.detach().float()
+            if per_sequence:
+                v = torch.where(n > 0, v, 0.0)
+                if lowest and bool((mask.sum(1) == 0).any()):
+                    v = torch.zeros_like(v)  # fractions are >= 0: an empty sequence's 0 is the minimum
+            else:
+                v = torch.where(n > 0, v, float("nan"))
+            gathered = self.accelerator.gather(v.reshape(1))
+            return (nanmin(gathered) if lowest else nanmax(gathered)).item()
+
         metrics = self._metrics[mode]
         if self.beta != 0.0:
-            metrics["kl"].append(global_mean(stats.ref_kl))
-        metrics["entropy"].append(global_mean(stats.mean_entropy))
-        metrics["clip_ratio/low_mean"].append(global_mean(stats.clip_frac_low))
-        metrics["clip_ratio/high_mean"].append(global_mean(stats.clip_frac_high))
-        metrics["clip_ratio/region_mean"].append(global_mean(stats.clip_frac_low + stats.clip_frac_high))
+            metrics["kl"].append(global_mean(stats.ref_kl, n))
+        metrics["entropy"].append(global_mean(stats.mean_entropy, n))
+        if self.loss_type in _PPO_LOSS_TYPES:
+            low = clip_mean(stats.clip_frac_low, stats.clip_frac_low_seq_mean)
+            high = clip_mean(stats.clip_frac_high, stats.clip_frac_high_seq_mean)
+            region = clip_mean(
+                stats.clip_frac_low + stats.clip_frac_high,
+                stats.clip_frac_low_seq_mean + stats.clip_frac_high_seq_mean,
+            )
+            metrics["clip_ratio/low_mean"].append(low)
+            metrics["clip_ratio/high_mean"].append(high)
+            metrics["clip_ratio/region_mean"].append(region)
+            metrics["clip_ratio/low_min"].append(seq_extreme(stats.clip_frac_low_min, True))
+            metrics["clip_ratio/high_max"].append(seq_extreme(stats.clip_frac_high_max, False))
+        elif self.loss_type == "cispo":
+            metrics["cispo_clip_ratio"].append(clip_mean(stats.clip_frac_high, stats.clip_frac_high_seq_mean))
         if self._entropy_bonus_enabled:
             policy = stats.pg_loss + stats.kl_loss
-            if self.loss_type != "dapo" and mode == "train":  # TRL logs these before the accumulation divide
+            if self.loss_type not in ("dapo", "cispo") and mode == "train":  # logged before the accum divide
                 policy = policy * self.current_gradient_accumulation_steps
             metrics["policy_loss"].append(self.accelerator.gather(policy.detach()).nanmean().item())
             if mode == "train" and self.accelerator.sync_gradients:

@@ -71,11 +71,18 @@ def train(cfg: TrainConfig, hooks=()) -> dict:
 
 def main(argv=None) -> int:
     import json
+    import sys
 
+    from fused_rlvr.train.checkpoint import CheckpointError
+    from fused_rlvr.train.config import ConfigError
     from fused_rlvr.train.parallel import is_main_process
 
-    cfg = config_from_args(argv)
-    summary = train(cfg)
+    try:
+        cfg = config_from_args(argv)
+        summary = train(cfg)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:  # bad input: one line, no traceback
+        print(f"fused-rlvr train: error: {e}", file=sys.stderr)
+        return 2
     if not is_main_process():  # rank 0 reports
         return 0 if summary["status"] == "finished" else 130
     before, after = summary["before"]["accuracy"], summary.get("after", {}).get("accuracy")

@@ -11,11 +11,19 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import tempfile
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from fused_rlvr.advantages import ESTIMATORS, SCALES, STEER_MODES
 from fused_rlvr.grpo import AGGREGATIONS, IMPORTANCE, KL_ESTIMATORS
+
+
+class ConfigError(ValueError):
+    """A config value of the wrong type or out of range, or an input / output file the run cannot use; the
+    command line prints it as one line."""
 
 
 def _f(default, help: str, *, choices=None, lo=None, hi=None, lo_open=False):
@@ -201,39 +209,100 @@ class TrainConfig:
     log_samples: int = _f(2, "responses printed to samples.jsonl per step", lo=0)
 
     def validate(self) -> TrainConfig:
+        """Check every field's type (`field_type_error`; an int given for a float field becomes a float),
+        allowed values and range, then the rules between fields; a ConfigError names the field."""
         for f in fields(self):
             v = getattr(self, f.name)
+            err = field_type_error(f.name, v)
+            if err:
+                raise ConfigError(err)
+            if _FIELD_TYPES[f.name][0] is float and isinstance(v, int):
+                v = float(v)
+                setattr(self, f.name, v)
             meta = f.metadata
             if meta.get("choices") is not None and v not in meta["choices"]:
-                raise ValueError(f"config field '{f.name}' must be one of {list(meta['choices'])}, got {v!r}")
+                raise ConfigError(
+                    f"config field '{f.name}' must be one of {list(meta['choices'])}, got {v!r}"
+                )
             if v is None or isinstance(v, (str, bool)):
                 continue
             if isinstance(v, float) and not math.isfinite(v):
-                raise ValueError(f"config field '{f.name}' must be finite, got {v!r}")
+                raise ConfigError(f"config field '{f.name}' must be finite, got {v!r}")
             lo, hi = meta.get("lo"), meta.get("hi")
             if lo is not None and (v < lo or (meta.get("lo_open") and v == lo)):
                 op = ">" if meta.get("lo_open") else ">="
-                raise ValueError(f"config field '{f.name}' must be {op} {lo}, got {v!r}")
+                raise ConfigError(f"config field '{f.name}' must be {op} {lo}, got {v!r}")
             if hi is not None and v > hi:
-                raise ValueError(f"config field '{f.name}' must be <= {hi}, got {v!r}")
+                raise ConfigError(f"config field '{f.name}' must be <= {hi}, got {v!r}")
         if self.algorithm == "pacs" and (self.steer or self.beta or self.entropy_coef):
-            raise ValueError(
+            raise ConfigError(
                 "config fields 'steer', 'beta' and 'entropy_coef' apply to algorithm='grpo' only; "
                 "PACS has its own loss"
             )
         if self.algorithm == "pacs" and (self.rank_shaping or self.guidance == "dpo"):
-            raise ValueError(
+            raise ConfigError(
                 "config fields 'rank_shaping' and guidance='dpo' apply to algorithm='grpo' only; "
                 "PACS does not use advantages"
             )
         if self.rlpr_std_filter and self.group_size < 2:
-            raise ValueError("config field 'group_size' must be >= 2 with rlpr_std_filter (a reward std)")
+            raise ConfigError("config field 'group_size' must be >= 2 with rlpr_std_filter (a reward std)")
         if self.advantage == "rloo" and self.group_size < 2:
-            raise ValueError("config field 'group_size' must be >= 2 with advantage='rloo'")
+            raise ConfigError("config field 'group_size' must be >= 2 with advantage='rloo'")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _field_types() -> dict[str, tuple[type, bool]]:
+    """field name -> (its type: bool, int, float or str; whether None is allowed)."""
+    out = {}
+    for name, hint in typing.get_type_hints(TrainConfig).items():
+        args = typing.get_args(hint)
+        optional = typing.get_origin(hint) is typing.Union and type(None) in args
+        base = next(a for a in args if a is not type(None)) if optional else hint
+        if base not in (bool, int, float, str):
+            raise TypeError(f"TrainConfig field {name!r} has type {hint}; fields are bool, int, float or str")
+        out[name] = (base, optional)
+    return out
+
+
+_FIELD_TYPES = _field_types()
+_TYPE_WORDS = {bool: "a bool (true or false)", int: "an integer", float: "a number", str: "a string"}
+
+
+def field_type_error(name: str, value: Any) -> Optional[str]:
+    """None when `value` has the type of TrainConfig field `name`, else the error message: a bool is not an
+    int, an int is a float, None only for Optional fields."""
+    base, optional = _FIELD_TYPES[name]
+    if value is None:
+        ok = optional
+    elif base is bool:
+        ok = isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, str)
+    if ok:
+        return None
+    want = _TYPE_WORDS[base] + (" or null / None" if optional else "")
+    return f"config field '{name}' must be {want}, got {value!r} ({type(value).__name__})"
+
+
+def ensure_out_dir(path: str) -> None:
+    """Create the output folder `path` (and its parents) and check that files can be written there; a
+    ConfigError names the folder otherwise."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(
+            f"config field 'out_dir': cannot write to the folder {path!r}: {e.strerror or e}"
+        ) from None
 
 
 # Fields whose change makes a checkpoint mean something else: resuming with a different value is refused.
@@ -267,7 +336,7 @@ def check_compatible(saved: dict[str, Any], cfg: TrainConfig, folder: str) -> No
         if saved.get(k, defaults[k]) != getattr(cfg, k)
     ]
     if diff:
-        raise ValueError(
+        raise ConfigError(
             f"cannot resume from {folder}: it was written with an incompatible config ({'; '.join(diff)})"
         )
 
@@ -328,54 +397,66 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _parse_value(f: dataclasses.Field, text: str):
-    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    if text.lower() in ("none", "null") and "Optional" in kind:
+    base, optional = _FIELD_TYPES[f.name]
+    if text.lower() in ("none", "null") and optional:
         return None
-    if "bool" in kind:
+    if base is bool:
         if text.lower() in ("1", "true", "yes", "on"):
             return True
         if text.lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"config field '{f.name}' must be true or false, got {text!r}")
+        raise ConfigError(f"config field '{f.name}' must be true or false, got {text!r}")
     try:
-        if "int" in kind:
+        if base is int:
             return int(text)
-        if "float" in kind:
+        if base is float:
             return float(text)
     except ValueError:
-        raise ValueError(f"config field '{f.name}' must be a number ({kind}), got {text!r}") from None
+        kind = base.__name__ + (" or none" if optional else "")
+        raise ConfigError(f"config field '{f.name}' must be a number ({kind}), got {text!r}") from None
     return text
 
 
 def load_config_file(path: str) -> dict[str, Any]:
-    """A JSON object of field -> value (unknown fields are an error naming them)."""
+    """A JSON object of field -> value (unknown fields are an error naming them); a file that is missing,
+    unreadable, not UTF-8 or not JSON is a one-line error naming it."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
+        with open(path, "rb") as fh:
+            raw = fh.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"config file {path!r} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path!r} cannot be read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"config file {path!r} is not UTF-8 text: line {line}: {e.reason}") from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"config file {path!r} is not valid JSON: line {e.lineno}: {e.msg}") from None
+        raise ConfigError(f"config file {path!r} is not valid JSON: line {e.lineno}: {e.msg}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path!r} must hold a JSON object of field: value")
+        raise ConfigError(f"config file {path!r} must hold a JSON object of field: value")
     return data
 
 
 def make_config(preset: str = "default", overrides: Optional[dict[str, Any]] = None) -> TrainConfig:
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; presets: {sorted(PRESETS)}")
+        raise ConfigError(f"unknown preset {preset!r}; presets: {sorted(PRESETS)}")
     values = dict(PRESETS[preset])
     values.update(overrides or {})
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
+        raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
     return TrainConfig(**values).validate()
 
 
 def build_parser(prog: str = "fused-rlvr train") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog=prog,
+        allow_abbrev=False,  # `--save 1` is an error, not --save-every
         description="RLVR training with fused lm-head losses "
         "(GRPO / PACS / STEER / DARS) on the embedded SmolLM2 or any HF causal LM.",
     )

@@ -10,9 +10,10 @@ temperature; the per-problem P/E/S/O split and SRR, NDR, SDS, NSCR (`fused_rlvr.
 optionally greedy accuracy. Written to --out-dir: per_problem.{csv,md}, summary.{csv,md}, pass_at_k.png,
 samples.jsonl and summary.json.
 
-A run's out_dir holds config.json and checkpoints/latest; the checkpoint's "model" dict holds the trainable
-parameters, which `load_run` loads over the base model built from the run's config. Without --run, only
---base is evaluated (pass@k, avg@n and the entropies, no P/E/S/O).
+A run's out_dir holds config.json and checkpoints/; the newest valid checkpoint (checkpoint.Checkpointer:
+verified, loaded as plain data) has a "model" dict of the trainable parameters, which `load_run` loads over
+the base model built from the run's config. Without --run, only --base is evaluated (pass@k, avg@n and the
+entropies, no P/E/S/O).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import torch
 
 from fused_rlvr.integrations.hf import sequence_token_stats
 from fused_rlvr.leash import LeashReport, avg_at_n, default_ks, leash_report, pass_at_k, write_report
-from fused_rlvr.train.checkpoint import Checkpointer
-from fused_rlvr.train.config import TrainConfig
+from fused_rlvr.train.checkpoint import Checkpointer, CheckpointError
+from fused_rlvr.train.config import ConfigError, TrainConfig, load_config_file
 from fused_rlvr.train.files import atomic_write_text
 from fused_rlvr.train.models import load_causal_lm
 from fused_rlvr.train.rollout import RolloutBatch, format_prompt, generate
@@ -44,8 +45,7 @@ def read_run_config(run_dir: str) -> TrainConfig:
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{run_dir!r} is not a training run: {path} does not exist")
-    with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
+    data = load_config_file(path)
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -79,22 +79,36 @@ def _device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
 
 
 def run_checkpoint(run_dir: str, checkpoint_dir: Optional[str] = None) -> str:
+    """`checkpoint_dir`, else the run's newest valid checkpoint (verified; an unusable newer one is reported
+    and skipped)."""
     folder = checkpoint_dir or Checkpointer(os.path.join(run_dir, "checkpoints"), 1).latest()
     if folder is None:
-        raise FileNotFoundError(f"run {run_dir!r} has no checkpoint (checkpoints/latest is missing)")
+        raise FileNotFoundError(f"run {run_dir!r} has no checkpoint (checkpoints/ holds none)")
     return folder
+
+
+def checkpoint_params(folder: str) -> dict[str, torch.Tensor]:
+    """The trainable parameters (the "model" dict) of a single-process checkpoint folder, verified and
+    loaded as plain data (a checkpoint never runs code)."""
+    state, _ = Checkpointer(os.path.dirname(os.path.abspath(folder)), 1).load(folder)
+    if not isinstance(state.get("model"), dict):
+        raise CheckpointError(
+            f'checkpoint {folder} holds no full "model" dict (a sharded FSDP2 checkpoint: evaluate a '
+            "single-process run's checkpoint)"
+        )
+    return state["model"]
 
 
 def load_run(
     run_dir: str, *, checkpoint_dir: Optional[str] = None, device: str = "auto", dtype: str = "auto"
 ):
     """(model, tokenizer, config, checkpoint folder) of a trained run: the base model of the run's config
-    with the checkpoint's trainable parameters loaded over it (default: the latest checkpoint)."""
+    with the checkpoint's trainable parameters loaded over it (default: the newest valid checkpoint)."""
     cfg = read_run_config(run_dir)
     folder = run_checkpoint(run_dir, checkpoint_dir)
     dev, dt = _device_dtype(device, dtype)
     model, tok = load_causal_lm(cfg.model, device=str(dev), dtype=dt, seed=cfg.seed)
-    load_trained_params(model, Checkpointer(os.path.dirname(folder), 1).load(folder)[0]["model"])
+    load_trained_params(model, checkpoint_params(folder))
     return model.eval(), tok, cfg, folder
 
 
@@ -287,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Invisible-Leash P/E/S/O table and SRR / NDR / SDS / NSCR, as CSV / Markdown and a pass@k PNG.",
     )
     ap.add_argument("--run", default=None, help="a training run's out_dir (config.json + checkpoints/)")
-    ap.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the run's latest)")
+    ap.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the run's newest valid)")
     ap.add_argument("--base", default=None, help="base model (default: the run's; needed without --run)")
     ap.add_argument("--task", default=None, help="task (default: the run's, else 'arithmetic')")
     ap.add_argument("--eval-task", default=None, help="JSONL of held-out problems (default: the run's)")
@@ -360,7 +374,7 @@ def run(args: argparse.Namespace, verifier=None) -> dict[str, Any]:
     base = sample_model(model, tok, problems, **common)
     results = {"base": base}
     if args.run:
-        state = Checkpointer(os.path.dirname(folder), 1).load(folder)[0]["model"]
+        state = checkpoint_params(folder)
         if base_name != cfg.model:  # another base: build the run's own model for the trained weights
             model, tok = load_causal_lm(cfg.model, device=str(dev), dtype=dt, seed=cfg.seed)
         load_trained_params(model, state)
@@ -411,7 +425,11 @@ def run(args: argparse.Namespace, verifier=None) -> dict[str, Any]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    summary = run(args)
+    try:
+        summary = run(args)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"fused-rlvr eval: error: {e}", file=sys.stderr)
+        return 2
     keys = [k for k in summary if k.endswith(("avg@n", "_accuracy", "entropy_mean")) or k.startswith("pass@")]
     keys += [k for k in ("P", "E", "S", "O", "SRR", "NDR", "SDS", "NSCR") if k in summary]
     keys += [k for k in summary if "_pass@" in k]

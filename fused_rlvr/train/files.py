@@ -17,6 +17,8 @@ def fsync_dir(path: str) -> None:
         return
     try:
         os.fsync(fd)
+    except OSError:  # some file systems refuse to fsync a folder
+        pass
     finally:
         os.close(fd)
 

@@ -355,7 +355,9 @@ class FSDP2(Parallel):
         model_sd, optim_sd = get_state_dict(model, optimizer)
         template = {"model": model_sd, "optimizer": optim_sd}
         checkpointer.load_sharded(folder, template)
-        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        set_state_dict(
+            model, optimizer, model_state_dict=template["model"], optim_state_dict=template["optimizer"]
+        )
 
 
 def _init_group(backend: str) -> None:

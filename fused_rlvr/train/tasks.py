@@ -17,6 +17,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
+from fused_rlvr.train.config import ConfigError
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -115,8 +117,27 @@ class JsonlTask:
 
 
 def load_jsonl(path: str) -> list[Problem]:
+    """The problems of a JSONL file (one {"prompt", "answer"[, "id"]} object a line); a file that is
+    missing, unreadable or not UTF-8, and a bad line, are one-line errors naming the file (and line)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"dataset file {path!r} does not exist")
+    try:
+        return _read_jsonl(path)
+    except UnicodeDecodeError:  # (the decoder's offset is within a chunk: find the line in the raw bytes)
+        with open(path, "rb") as fh:
+            raw = fh.read()
+        try:
+            raw.decode("utf-8")
+            where, why = "", "invalid UTF-8"
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            where, why = f":{line}", e.reason
+        raise ConfigError(f"{path}{where}: dataset file is not UTF-8 text ({why})") from None
+    except OSError as e:
+        raise ConfigError(f"dataset file {path!r} cannot be read: {e.strerror or e}") from None
+
+
+def _read_jsonl(path: str) -> list[Problem]:
     problems = []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):

@@ -26,9 +26,9 @@ import torch
 
 from fused_rlvr.advantages import group_advantages
 from fused_rlvr.train.algorithms import make_algorithm
-from fused_rlvr.train.checkpoint import Checkpointer, capture_rng, restore_rng
+from fused_rlvr.train.checkpoint import Checkpointer, CheckpointError, capture_rng, restore_rng
 from fused_rlvr.train.collect import RolloutCollector
-from fused_rlvr.train.config import TrainConfig, check_compatible
+from fused_rlvr.train.config import TrainConfig, check_compatible, ensure_out_dir
 from fused_rlvr.train.guard import UpdateGuard, check_finite_weights
 from fused_rlvr.train.hooks import Hook, StepContext, build_hooks
 from fused_rlvr.train.parallel import Parallel, make_parallel
@@ -41,6 +41,10 @@ from fused_rlvr.train.tasks import Problem, Verifier, make_task
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _quiet(message: str) -> None:
+    pass
 
 
 class Trainer:
@@ -69,7 +73,12 @@ class Trainer:
         )
         root = os.path.join(c.out_dir, "checkpoints")
         self.checkpointer = Checkpointer(
-            root, c.keep_checkpoints, rank=par.rank, world_size=par.world_size, barrier=par.barrier
+            root,
+            c.keep_checkpoints,
+            rank=par.rank,
+            world_size=par.world_size,
+            barrier=par.barrier,
+            log=_say if par.is_main else _quiet,  # (a fallback or a cleaned-up leftover, said once)
         )
         self.log = RunLog(c.out_dir, enabled=par.is_main, progress=c.progress)
         self.data_rng = random.Random(c.seed)
@@ -78,6 +87,7 @@ class Trainer:
         self.guard = UpdateGuard(c.max_bad_updates, lr=c.lr, verbose=par.is_main)
         self.eval_before: Optional[dict[str, Any]] = None
         self.saved_step: Optional[int] = None
+        self.saved_folder: Optional[str] = None  # the checkpoint of `saved_step`
         self.last_batch: Optional[RolloutBatch] = None
         self.signals = StopSignals(
             lambda name: (
@@ -236,15 +246,21 @@ class Trainer:
         }
         rank_state = {"rng": capture_rng(self.data_rng), "hooks": [h.state_dict() for h in self.hooks]}
         folder = self.checkpointer.save(self.step, state, rank_state=rank_state, sharded=sharded)
-        self.saved_step = self.step
+        self.saved_step, self.saved_folder = self.step, folder
         return folder
 
     def load(self, folder: str) -> None:
         """Resume from `folder`: weights, optimizer, scheduler (a new --lr applies, not the saved one), RNG
         streams, data position, hook states, step."""
         state, mine = self.checkpointer.load(folder)
-        mine = mine or state  # (a checkpoint that keeps everything in state.pt)
         self.parallel.check_state(state, folder)
+        if mine is None:  # a single-process checkpoint that keeps everything in state.pt
+            if "rng" not in state:
+                raise CheckpointError(
+                    f"checkpoint {folder} holds no state of process {self.parallel.rank} (its RNG streams "
+                    "and hook states)"
+                )
+            mine = state
         check_compatible(state["config"], self.cfg, folder)
         self.parallel.load_model_state(self.policy.model, self.optimizer, state, folder, self.checkpointer)
         self.scheduler.load_state_dict(state["scheduler"])
@@ -262,6 +278,7 @@ class Trainer:
         for h, s in zip(self.hooks, mine["hooks"]):
             h.load_state_dict(s)
         self.step = self.saved_step = state["step"]
+        self.saved_folder = folder
         self.eval_before = state["eval_before"]
         self.guard.bad = state.get("bad_updates", 0)
 
@@ -269,12 +286,13 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Run (or resume) the whole training; returns the summary, also written to out_dir/summary.json."""
         c = self.cfg
-        self.checkpointer.prepare()
-        if not c.resume and self.checkpointer.has_checkpoints():
+        ensure_out_dir(c.out_dir)
+        if not c.resume and self.checkpointer.has_checkpoints():  # (before prepare: nothing is touched)
             raise ValueError(
                 f"out_dir {c.out_dir!r} already holds a run with checkpoints; pass --resume to "
                 f"continue it, or choose another --out-dir (nothing there is overwritten)"
             )
+        self.checkpointer.prepare()  # every process, before any of them looks for the latest
         folder = self.checkpointer.latest() if c.resume else None
         if folder is not None:
             self.load(folder)
@@ -308,7 +326,7 @@ class Trainer:
                 if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
                     self.save()
         # (a resumed run that had nothing left to do keeps its checkpoint as it is)
-        ckpt = self.checkpointer.latest() if self.saved_step == self.step else self.save()
+        ckpt = self.saved_folder if self.saved_step == self.step else self.save()
         summary: dict[str, Any] = {
             "status": status,
             "step": self.step,
