@@ -290,6 +290,12 @@ def _dlogits_kernel(
     tl.store(out, du.to(dz_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_v[None, :])
 
 
+def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The 1-D per-row / per-column vectors are read at unit stride: a strided or expanded view is copied
+    (a few bytes per row); hidden and weight are read through their strides."""
+    return None if t is None else t.contiguous()
+
+
 def _flags(
     hidden: torch.Tensor, weight: torch.Tensor, bias, softcap, cfg: TileConfig, interpret: bool
 ) -> dict:
@@ -324,6 +330,7 @@ def forward(
     """
     N, H = hidden.shape
     V = weight.shape[0]
+    targets, bias = _dense(targets), _dense(bias)
 
     def launch(cfg: TileConfig) -> torch.Tensor:
         n_tiles = triton.cdiv(N, cfg.BLOCK_N)
@@ -417,6 +424,8 @@ def dlogits(
     N, H = hidden.shape
     V = weight.shape[0]
     chunk = out.shape[1]
+    targets, bias, lse, entropy = _dense(targets), _dense(bias), _dense(lse), _dense(entropy)
+    grad_logprob, grad_entropy = _dense(grad_logprob), _dense(grad_entropy)
 
     def launch(cfg: TileConfig) -> torch.Tensor:
         grid = (triton.cdiv(N, cfg.BLOCK_N) * triton.cdiv(chunk, cfg.BLOCK_V),)
