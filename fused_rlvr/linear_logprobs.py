@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -57,7 +59,24 @@ def _scatter_rows(values: torch.Tensor, rows: Optional[torch.Tensor], n: int) ->
     return values.new_zeros(n).index_copy_(0, rows, values)
 
 
+def _autocast_off(fn):
+    """Run `fn(hidden, ...)` with autocast off for hidden's device: the op computes in the inputs' own dtypes
+    (fp32 statistics, fp32 accumulation) inside an autocast region too, forward and backward."""
+
+    @functools.wraps(fn)
+    def wrapper(hidden, *args, **kwargs):
+        dev = hidden.device.type
+        off = (
+            torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext()
+        )
+        with off:
+            return fn(hidden, *args, **kwargs)
+
+    return wrapper
+
+
 @torch.compiler.disable  # opaque to torch.compile: kernel launches and loops over chunks run eagerly
+@_autocast_off
 def forward_stats(hidden, weight, bias, targets, params: LogprobParams) -> dict[str, torch.Tensor]:
     """Forward only: dict of fp32 per-token tensors shaped like targets (0 on ignored tokens).
 
@@ -105,6 +124,7 @@ class LinearLogprobFunction(torch.autograd.Function):
 
 
 @torch.compiler.disable
+@_autocast_off
 def backward_grads(
     hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy, params: LogprobParams, needs
 ):
@@ -227,6 +247,8 @@ def linear_logprobs(
             `reduce_grad_hidden=False`). See `fused_rlvr.vocab_parallel`.
 
     Under `torch.no_grad()` (or when nothing requires grad) only the forward runs and nothing is saved.
+    Inside a `torch.autocast` region the op still computes in the inputs' own dtypes, forward and backward
+    (cast hidden and weight to the autocast dtype first to score in it, as `fused_rlvr.integrations.hf` does).
     The target-range check costs a device sync: see `fused_rlvr.set_target_check` to skip it.
     """
     params = make_params(

@@ -3,7 +3,7 @@ integer target dtypes give the answer of contiguous, autocast-free, in-range inp
 
 import pytest
 import torch
-from _helpers import BACKENDS, check_fp32
+from _helpers import BACKENDS, check_fp32, fused, ground_truth, make_inputs, run
 
 from fused_rlvr import linear_logprobs
 from fused_rlvr.reference import reference_logprobs
@@ -78,4 +78,50 @@ def _run_layout(name, dtype, op, **kw):
 def test_any_layout_gives_the_contiguous_answer(backend, layout, opts):
     out = _run_layout(layout, torch.float32, linear_logprobs, backend=backend, **opts)
     ref = _run_layout(layout, torch.float64, reference_logprobs, **opts)
+    check_fp32(out, ref)
+
+
+# ---- autocast ----------------------------------------------------------------------------------------------
+
+
+def _autocast_run(backend, dtype, device, *, backward_inside, **kw):
+    h, w, y, b = make_inputs(21, 24, 70, dtype, seed=12, bias=True, ignore_frac=0.2)
+    h, w, y, b = (t.to(device) for t in (h, w, y, b))
+    g_lp, g_ent = (t.to(device) for t in _grads(21))
+    leaves = [t.detach().clone().requires_grad_() for t in (h, w, b)]
+    with torch.autocast(device, dtype=torch.bfloat16):
+        lp, ent = linear_logprobs(leaves[0], leaves[1], y, bias=leaves[2], backend=backend, **kw)
+        loss = (lp.double() * g_lp.double() + ent.double() * g_ent.double()).sum()
+        if backward_inside:  # as Liger-Kernel's test_amp does
+            loss.backward()
+    if not backward_inside:
+        loss.backward()
+    out = [lp.detach(), ent.detach()] + [t.grad for t in leaves]
+    return out, ground_truth(h, w, y, b, g_lp, g_ent, **kw), (h, w, y, b, g_lp, g_ent)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backward_inside", [True, False], ids=["bwd-in-autocast", "bwd-outside"])
+@pytest.mark.parametrize("opts", [dict(), dict(softcap=5.0, temperature=0.8)], ids=["plain", "cap-temp"])
+def test_autocast_keeps_the_fp32_answer(backend, backward_inside, opts):
+    """fp32 inputs under a bf16 autocast region: the op computes what it computes without autocast."""
+    out, ref, _ = _autocast_run(backend, torch.float32, "cpu", backward_inside=backward_inside, **opts)
+    for o in out:
+        assert o.dtype == torch.float32
+    check_fp32(out, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_bf16_inputs_unchanged(backend):
+    """bf16 inputs: the same values and gradients with and without an autocast region."""
+    out, _, (h, w, y, b, g_lp, g_ent) = _autocast_run(backend, torch.bfloat16, "cpu", backward_inside=True)
+    plain = run(fused, h, w, y, b, g_lp, g_ent, backend=backend)
+    for o, p in zip(out, plain):
+        assert o.dtype == p.dtype and torch.equal(o, p)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_autocast_cuda_keeps_the_fp32_answer(backend):
+    out, ref, _ = _autocast_run(backend, torch.float32, "cuda", backward_inside=True, temperature=0.9)
     check_fp32(out, ref)
