@@ -41,6 +41,9 @@ def reference_logprobs(
 ) -> TokenStats | tuple[torch.Tensor, ...]:
     """log_softmax(logits)[targets] and the softmax entropy, with ignored rows set to 0.
 
+    Logits of -inf are allowed (p log p = 0 there, in values and gradients); a target whose logit is -inf
+    has log-prob -inf.
+
     With `moments=True` returns (logprobs, entropy, sum_v p^2, sum_v p^2 log p) instead of a TokenStats.
     """
     z = reference_logits(hidden, weight, bias=bias, temperature=temperature, softcap=softcap)
@@ -49,11 +52,13 @@ def reference_logprobs(
     safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
     lp = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     p = logp.exp()
-    ent = -(p * logp).sum(-1)
+    # 0 log 0 = 0: a -inf logit (a masked vocabulary entry) adds nothing, and no NaN reaches the gradients
+    logp_finite = torch.where(p > 0, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+    ent = -(p * logp_finite).sum(-1)
     zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
     lp = torch.where(valid, lp, zero)
     ent = torch.where(valid, ent, zero)
     if not moments:
         return TokenStats(lp, ent)
     p2 = p * p
-    return lp, ent, torch.where(valid, p2.sum(-1), zero), torch.where(valid, (p2 * logp).sum(-1), zero)
+    return lp, ent, torch.where(valid, p2.sum(-1), zero), torch.where(valid, (p2 * logp_finite).sum(-1), zero)

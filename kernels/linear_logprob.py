@@ -8,7 +8,8 @@ Forward (`forward`): one pass over vocabulary tiles with an online softmax, rela
     S = sum exp(z - m),  Sd = sum exp(z - m) (z - m)        -> lse = m + log S, H = log S - Sd / S
 and, behind MOMENTS, S2 = sum exp(2(z - m)), S2d = sum exp(2(z - m))(z - m)
     -> sum p^2 = S2 / S^2,  sum p^2 log p = (S2d - S2 log S) / S^2.
-Keeping Sd relative to m (never sum p z) avoids cancellation when logits are ~1e4. The vocabulary is split
+Keeping Sd relative to m (never sum p z) avoids cancellation when logits are ~1e4. Logits of -inf (masked
+vocabulary entries) are allowed: they add 0 to every sum (0 log 0 = 0) and the max is floored at -FLT_MAX. The vocabulary is split
 across programs (grid = row tiles x splits); the caller merges the splits (fused_rlvr._partials).
 Flops: 2 N H V (one GEMM). Bytes: N H + V H inputs (+ L2 re-reads of the row tile per vocab tile),
 6 x splits x N fp32 partials. Memory bound: O(N x splits), never N x V.
@@ -182,10 +183,12 @@ def _fwd_kernel(
         )
         z = tl.where(mask_v[None, :], z, float("-inf"))  # vocab tail: -inf, never 0
         zy += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
-        m_new = tl.maximum(m, tl.max(z, axis=1))  # every tile has a real column: m_new is finite
+        # the max stays finite (floored at -FLT_MAX) when every logit of a row so far is -inf (masked
+        # vocabulary entries, a -inf bias): exp(z - m) is then 0, never exp(-inf + inf)
+        m_new = tl.maximum(tl.maximum(m, tl.max(z, axis=1)), -3.4028234663852886e38)
         alpha = tl.exp(m - m_new)
         shift = tl.where(s > 0, m - m_new, 0.0)  # rescale Sd from the old max to the new one
-        d = tl.where(mask_v[None, :], z - m_new[:, None], 0.0)
+        d = tl.where(z > float("-inf"), z - m_new[:, None], 0.0)  # 0 log 0 = 0 at -inf logits
         e = tl.exp(z - m_new[:, None])
         sd = alpha * (sd + shift * s) + tl.sum(e * d, axis=1)
         s = alpha * s + tl.sum(e, axis=1)
@@ -282,7 +285,8 @@ def _dlogits_kernel(
     if HAS_GENT:
         c = tl.load(gent_ptr + rows)
         ent = tl.load(ent_ptr + rows)
-        dz -= c[:, None] * p * (logp + ent[:, None])
+        # log p floored at -200 (p is exactly 0 below -103.3 in fp32): 0, not 0 * inf, at -inf logits
+        dz -= c[:, None] * p * (tl.maximum(logp, -200.0) + ent[:, None])
     du = dz * inv_temp
     if HAS_SOFTCAP:
         du = du * (1.0 - t * t)

@@ -86,6 +86,13 @@ LP_CASES = {
         starts=None,
         kw=dict(temperature=0.9, softcap=4.0, backend="triton"),
     ),
+    # rank 1's whole shard masked (bias -inf): its partials hold no mass for any row
+    "torch_masked_shard": dict(
+        lead=(3, 6), h=16, bias=True, ignore=0.2, starts=None, mask_shard=True, kw=dict(backend="torch")
+    ),
+    "triton_masked_shard": dict(
+        lead=(12,), h=16, bias=True, ignore=0.0, starts=None, mask_shard=True, kw=dict(backend="triton")
+    ),
 }
 
 
@@ -109,6 +116,9 @@ def _lp_problem(case, seed=1):
         ignore_frac=c["ignore"],
         lead=c["lead"],
     )
+    if c.get("mask_shard"):  # -inf logits on rows [20, 37), targets in [0, 20)
+        bias[SPLIT[0] :] = float("-inf")
+        targets = torch.where(targets == -100, targets, targets % SPLIT[0])
     g = torch.Generator().manual_seed(seed + 100)
     g_lp = torch.randn(c["lead"], generator=g)
     g_ent = None if c.get("no_entropy") else torch.randn(c["lead"], generator=g)
