@@ -13,6 +13,7 @@ FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BACKENDS = ("auto", "triton", "torch")
 
 _check_targets = os.environ.get("FUSED_RLVR_CHECK_TARGETS", "1") != "0"
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 def set_target_check(enabled: bool) -> None:
@@ -123,15 +124,18 @@ def check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend, *,
         raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not _INT64_MIN <= ignore_index <= _INT64_MAX:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     one_of("backend", backend, BACKENDS)
     if check_targets and _check_targets and targets.numel():
         vocab = weight.shape[0]
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+        t = targets.long()  # compared in int64: in uint8, `>= 300` would test `>= 44`, and -100 would be 156
+        bad = (t != ignore_index) & ((t < 0) | (t >= vocab))
         if bool(bad.any()):
             where = bad.nonzero()[0].tolist()
             raise ValueError(
                 f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
-                f"targets{where} = {int(targets[tuple(where)])}"
+                f"targets{where} = {int(t[tuple(where)])}"
             )
 
 

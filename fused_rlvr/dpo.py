@@ -54,7 +54,7 @@ def sequence_logprobs(
     """
     _check_hidden(hidden, targets)
     m = as_mask("mask", mask, targets.shape).to(hidden.device)
-    y = torch.where(m > 0, targets, torch.full_like(targets, IGNORE_INDEX))
+    y = torch.where(m > 0, targets.long(), IGNORE_INDEX)  # int64: in uint8, -100 would read as id 156
     params = make_params(hidden, weight, y, bias, temperature, softcap, IGNORE_INDEX, backend)
     lp, _ent, _, _ = fused_token_stats(hidden, weight, bias, y, params)
     return (lp * m).sum(1)

@@ -44,13 +44,16 @@ def _impl(params: LogprobParams):
 
 
 def _flatten(hidden, targets, ignore_index):
-    """2-D hidden, 1-D targets, the indices of valid rows, and compact copies when some rows are ignored."""
+    """2-D hidden, 1-D int64 targets, the indices of valid rows (None: all), and the valid rows' hidden states
+    and contiguous int64 targets.
+
+    Targets are compared in int64 whatever their dtype (in uint8, -100 would read as 156)."""
     h2 = hidden.reshape(-1, hidden.shape[-1])
-    y = targets.reshape(-1)
+    y = targets.reshape(-1).long()
     rows = (y != ignore_index).nonzero().squeeze(1)
     if rows.numel() == y.numel():
-        return h2, y.long(), None, h2, y.long()
-    return h2, y, rows, h2.index_select(0, rows), y.index_select(0, rows).long()
+        return h2, y, None, h2, y.contiguous()
+    return h2, y, rows, h2.index_select(0, rows), y.index_select(0, rows)
 
 
 def _scatter_rows(values: torch.Tensor, rows: Optional[torch.Tensor], n: int) -> torch.Tensor:

@@ -248,3 +248,50 @@ def test_hypothesis_masked_vocabulary(n, h, v, frac, softcap, temperature, backe
     # and of the O(1) intermediates (upstream gradients, hidden states: 1e-7) where a near-certain softmax
     # makes the outputs small (1 - p cancels in fp32 in both the fused and the plain computation)
     check_cce_rule(out, ref, nv, rel_tol=1e-5, atol=1e-7)
+
+
+# ---- integer target dtypes ---------------------------------------------------------------------------------
+
+DTYPE_CASES = [  # (dtype, V, ids): every id valid for V, some past what V wraps to in the target's dtype
+    (torch.uint8, 300, [0, 43, 44, 200, 255]),
+    (torch.int16, 40000, [0, 5, 32767, 20000]),
+    (torch.int8, 130, [0, 2, 127, 64]),
+    (torch.int32, 70, [0, 69, 33, 1]),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, vocab, ids", DTYPE_CASES, ids=lambda x: str(x))
+def test_target_dtypes_checked_in_int64(backend, dtype, vocab, ids):
+    hid = torch.randn(len(ids), 8)
+    w = torch.randn(vocab, 8) * 0.3
+    y = torch.tensor(ids, dtype=dtype)
+    lp, ent = linear_logprobs(hid, w, y, backend=backend)
+    ref_lp, ref_ent = reference_logprobs(hid.double(), w.double(), y.long())
+    assert rel_err(lp, ref_lp) < 1e-5 and rel_err(ent, ref_ent) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignore_index_outside_the_target_dtype(backend):
+    """ignore_index=-100 with uint8 targets: no uint8 id equals -100, so 156 (-100 mod 256) is scored."""
+    hid, w = torch.randn(3, 8), torch.randn(200, 8)
+    y = torch.tensor([156, 3, 199], dtype=torch.uint8)
+    lp, _ = linear_logprobs(hid, w, y, backend=backend)
+    ref_lp, _ = reference_logprobs(hid.double(), w.double(), y.long())
+    assert rel_err(lp, ref_lp) < 1e-5 and (lp != 0).all()
+    y8 = torch.tensor([5, -100, 7], dtype=torch.int8)  # inside int8's range: ignored as usual
+    lp8, _ = linear_logprobs(hid, w, y8, backend=backend)
+    assert lp8[1] == 0 and rel_err(lp8, reference_logprobs(hid.double(), w.double(), y8.long())[0]) < 1e-5
+    y_wide = torch.tensor([5, 6, 7], dtype=torch.int8)
+    lp_wide, _ = linear_logprobs(hid, w, y_wide, ignore_index=1000, backend=backend)
+    assert (lp_wide != 0).all()
+
+
+@pytest.mark.parametrize(
+    "dtype, vocab, bad", [(torch.uint8, 200, 250), (torch.int16, 100, 30000), (torch.int8, 50, -3)]
+)
+def test_out_of_range_targets_rejected_whatever_the_dtype(dtype, vocab, bad):
+    hid, w = torch.randn(3, 8), torch.randn(vocab, 8)
+    y = torch.tensor([1, bad, 2], dtype=dtype)
+    with pytest.raises(ValueError, match=rf"targets must lie in \[0, {vocab}\).*targets\[1\] = {bad}"):
+        linear_logprobs(hid, w, y, backend="torch")

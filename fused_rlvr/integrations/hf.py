@@ -191,7 +191,7 @@ def shifted_targets(
     input_ids: torch.Tensor, response_mask: Optional[torch.Tensor], ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
     """[B, T-1] targets input_ids[:, 1:], with ignore_index where response_mask[:, 1:] == 0."""
-    targets = input_ids[:, 1:]
+    targets = input_ids[:, 1:].long()  # int64: ignore_index need not fit the ids' dtype
     if response_mask is None:
         return targets
     if tuple(response_mask.shape) != tuple(input_ids.shape):

@@ -87,7 +87,7 @@ def linear_logprobs_entropy(
         return log_probs, entropy
     if reduction == "sum":
         return log_probs.sum(), entropy.sum()
-    count = (labels != ignore).sum().clamp(min=1)
+    count = (labels.long() != ignore).sum().clamp(min=1)
     return log_probs.sum() / count, entropy.sum() / count
 
 
