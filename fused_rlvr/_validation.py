@@ -158,6 +158,12 @@ def per_token(name: str, value, shape, *, allow_none: bool = True, allow_per_seq
         if allow_none:
             return None
         raise ValueError(f"{name} is required")
+    check_per_token(name, value, shape, allow_per_sequence=allow_per_sequence)
+    return value.detach().to(torch.float32).contiguous()
+
+
+def check_per_token(name: str, value, shape, *, allow_per_sequence: bool = False) -> None:
+    """A floating-point tensor of exactly `shape` (or [B] = shape[:1] where allowed); no broadcasting."""
     check_tensor(name, value)
     ok = tuple(value.shape) == tuple(shape) or (allow_per_sequence and tuple(value.shape) == tuple(shape[:1]))
     if not ok:
@@ -165,7 +171,6 @@ def per_token(name: str, value, shape, *, allow_none: bool = True, allow_per_seq
         raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
-    return value.detach().to(torch.float32).contiguous()
 
 
 def non_negative(name: str, value) -> float:
