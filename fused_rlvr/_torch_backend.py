@@ -29,20 +29,30 @@ def _blocks(n_rows: int, vocab: int) -> tuple[int, int]:
     return rows, min(vocab, chunk)
 
 
-def _logits(h, weight, bias, v0, v1, params):
-    """fp32 logits of rows h for vocab [v0, v1), and tanh(u / s) when softcapped (for the chain rule)."""
+def _logits(h, weight, bias, v0, v1, params, inv_t):
+    """fp32 logits of rows h for vocab [v0, v1), and tanh(u / s) when softcapped (for the chain rule).
+
+    inv_t: 1 / temperature, a float or these rows' [rows] fp32 values (per-token temperature).
+    """
     # fp32 logits from fp32 operands: only the [chunk, H] slice of the weight is upcast at a time
     b = None if bias is None else bias[v0:v1].float()
     h = h.float()
+    per_row = isinstance(inv_t, torch.Tensor)
     if params.softcap is None:
-        if params.temperature != 1.0:  # fold 1/T into the small operands: no pass over the logits
-            h = h * (1.0 / params.temperature)
-            b = None if b is None else b * (1.0 / params.temperature)
+        if per_row:  # one scale per row: applied to the logits
+            return torch.nn.functional.linear(h, weight[v0:v1].float(), b).mul_(inv_t.unsqueeze(1)), None
+        if inv_t != 1.0:  # fold 1/T into the small operands: no pass over the logits
+            h = h * inv_t
+            b = None if b is None else b * inv_t
         return torch.nn.functional.linear(h, weight[v0:v1].float(), b), None
     z = torch.nn.functional.linear(h, weight[v0:v1].float(), b)
     t = z.div_(params.softcap).tanh_()
     z = t * params.softcap
-    return z.mul_(1.0 / params.temperature), t
+    return z.mul_(inv_t.unsqueeze(1) if per_row else inv_t), t
+
+
+def _row_slice(inv_t, r0, r1):
+    return inv_t[r0:r1] if isinstance(inv_t, torch.Tensor) else inv_t
 
 
 def forward(hidden, weight, bias, targets, params) -> dict[str, torch.Tensor]:
@@ -57,13 +67,14 @@ def forward_partials(hidden, weight, bias, targets, params) -> torch.Tensor:
     n, vocab = hidden.shape[0], weight.shape[0]
     rows, chunk = _blocks(n, vocab)
     n_stats = STATS_MOMENTS if params.moments else STATS_BASIC
+    inv_t = params.inv_temperature()
     state = torch.empty((n_stats, n), dtype=torch.float32, device=hidden.device)
     for v0 in range(0, vocab, chunk):
         v1 = min(vocab, v0 + chunk)
         piece = torch.empty_like(state)
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
-            z, _ = _logits(hidden[r0:r1], weight, bias, v0, v1, params)
+            z, _ = _logits(hidden[r0:r1], weight, bias, v0, v1, params, _row_slice(inv_t, r0, r1))
             y = targets[r0:r1] - v0
             inside = (y >= 0) & (y < v1 - v0)
             zy = z.gather(1, y.clamp(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1)
@@ -94,6 +105,7 @@ def backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_ent
     fp32_w = weight.dtype == torch.float32
     dw = (torch.zeros_like(weight) if fp32_w else torch.empty_like(weight)) if need_dw else None
     db = torch.empty(vocab, dtype=torch.float32, device=hidden.device) if need_db else None
+    inv_t = params.inv_temperature()
     for v0 in range(0, vocab, chunk):
         v1 = min(vocab, v0 + chunk)
         w_chunk = weight[v0:v1].float()
@@ -104,11 +116,12 @@ def backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_ent
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             h = hidden[r0:r1]
-            z, t = _logits(h, weight, bias, v0, v1, params)
+            inv = _row_slice(inv_t, r0, r1)
+            z, t = _logits(h, weight, bias, v0, v1, params, inv)
             logp = z.sub_(lse[r0:r1].unsqueeze(1))
             # du = [g_lp (1[v = y] - p) - g_H p (log p + H)] / T, built in the logp / p buffers (one buffer
             # when only the log-probs have an upstream gradient); the per-row factors carry -1/T
-            scale = -1.0 / params.temperature
+            scale = -inv.unsqueeze(1) if isinstance(inv, torch.Tensor) else -inv
             p = logp.exp() if grad_entropy is not None else logp.exp_()
             if grad_entropy is not None:
                 # p (log p + H) with log p floored at -200, where p is already exactly 0 in fp32: -inf
@@ -123,7 +136,8 @@ def backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_ent
             if grad_logprob is not None:
                 y = targets[r0:r1] - v0
                 hit = ((y >= 0) & (y < v1 - v0)).nonzero().squeeze(1)
-                dz[hit, y[hit]] -= scale * grad_logprob[r0:r1][hit]
+                scale_hit = scale[hit, 0] if isinstance(scale, torch.Tensor) else scale
+                dz[hit, y[hit]] -= scale_hit * grad_logprob[r0:r1][hit]
             if t is not None:
                 dz.mul_(1.0 - t.square_())
             if need_dh:

@@ -36,7 +36,7 @@ def forward_partials(hidden, weight, bias, targets, params) -> torch.Tensor:
         weight,
         bias,
         targets,
-        inv_temperature=1.0 / params.temperature,
+        inv_temperature=params.inv_temperature(),
         softcap=params.softcap,
         moments=params.moments,
         interpret=params.interpret,
@@ -67,6 +67,7 @@ def backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_ent
     dw = torch.empty_like(weight) if need_dw else None
     db = torch.empty(vocab, dtype=torch.float32, device=hidden.device) if need_db else None
     mod = _module(params)
+    inv_t = params.inv_temperature()
     for v0 in range(0, vocab, chunk):
         v1 = min(vocab, v0 + chunk)
         du = staging[:, : v1 - v0]
@@ -81,7 +82,7 @@ def backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_ent
             grad_entropy,
             du,
             v0,
-            inv_temperature=1.0 / params.temperature,
+            inv_temperature=inv_t,
             softcap=params.softcap,
             interpret=params.interpret,
         )

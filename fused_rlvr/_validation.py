@@ -179,3 +179,40 @@ def non_negative(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
+
+
+def check_temperature(temperature, targets: torch.Tensor, ignore_index: int, device) -> float | torch.Tensor:
+    """A float temperature (a number or a one-element tensor), or a per-token tensor shaped like targets.
+
+    A per-token temperature must be floating point, on `device`, and (with the target check on) finite and
+    > 0 on every scored token (targets != ignore_index); ignored tokens may hold anything. It is returned
+    detached: the op has no gradient w.r.t. the temperature.
+    """
+    per_token = (
+        isinstance(temperature, torch.Tensor)
+        and temperature.dim() > 0
+        and tuple(temperature.shape) == tuple(targets.shape)
+    )
+    if not per_token:
+        if isinstance(temperature, torch.Tensor) and temperature.numel() != 1:
+            raise ValueError(
+                f"temperature must be a finite positive number or a tensor shaped like targets "
+                f"{tuple(targets.shape)}, got a tensor of shape {tuple(temperature.shape)}"
+            )
+        return positive_finite("temperature", temperature)
+    check_plain("temperature", temperature)
+    if not temperature.is_floating_point():
+        raise TypeError(f"temperature must be a floating-point tensor, got {temperature.dtype}")
+    if temperature.device != device:
+        raise ValueError(f"temperature is on {temperature.device} but hidden is on {device}")
+    temperature = temperature.detach()
+    if _check_targets and temperature.numel():
+        scored = targets.long() != ignore_index
+        bad = scored & ~(torch.isfinite(temperature) & (temperature > 0))
+        if bool(bad.any()):
+            where = bad.nonzero()[0].tolist()
+            raise ValueError(
+                f"temperature must be finite and > 0 on every scored token; "
+                f"temperature{where} = {float(temperature[tuple(where)])}"
+            )
+    return temperature

@@ -42,7 +42,7 @@ def sequence_logprobs(
     mask: torch.Tensor,
     *,
     bias: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     softcap: Optional[float] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -51,6 +51,7 @@ def sequence_logprobs(
     hidden [B, T, H] (positions already aligned with targets: hidden[:, t] predicts targets[:, t]), targets
     [B, T], mask [B, T] 0/1. Returns fp32 [B], differentiable w.r.t. hidden, weight and bias. Masked tokens
     go to the fused op as ignore_index: they cost no vocabulary work and get zero gradient.
+    temperature: a float or a per-token [B, T] tensor (any value on masked tokens), as in `linear_logprobs`.
     """
     _check_hidden(hidden, targets)
     m = as_mask("mask", mask, targets.shape).to(hidden.device)
@@ -119,7 +120,7 @@ def linear_dpo_loss(
     beta: float = 0.1,
     label_smoothing: float = 0.0,
     bias: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     softcap: Optional[float] = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, DPOStats]:
@@ -130,7 +131,8 @@ def linear_dpo_loss(
     ref_logprobs: the reference model's log-probs in the same row order, either per sequence [2P] (e.g.
     `sequence_logprobs` of the reference under no_grad, possibly cached) or per token [2P, T] (summed over
     mask here). Equals `dpo_loss(s[:P], s[P:], ref[:P], ref[P:], beta)` with s = `sequence_logprobs(...)`,
-    without ever allocating the [2P, T, V] logits. Returns (loss, DPOStats).
+    without ever allocating the [2P, T, V] logits. temperature: a float or a per-token [2P, T] tensor.
+    Returns (loss, DPOStats).
     """
     _check_hidden(hidden, targets)
     rows = hidden.shape[0]

@@ -263,7 +263,7 @@ def linear_grpo_loss(
     agg: str = "token-mean",
     entropy_coef: float = 0.0,
     steer: Optional[SteerConfig] = None,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     bias: Optional[torch.Tensor] = None,
     softcap: Optional[float] = None,
     backend: str = "auto",

@@ -5,29 +5,47 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from fused_rlvr import _torch_backend, _triton_backend
 from fused_rlvr._kernels import triton_available
 from fused_rlvr._partials import finalize
-from fused_rlvr._validation import check_linear_inputs, positive_finite
+from fused_rlvr._validation import check_linear_inputs, check_temperature, positive_finite
 from fused_rlvr.types import IGNORE_INDEX, TokenStats
 from fused_rlvr.vocab_parallel import VocabParallel, VocabShard, vocab_shard
 
 
 @dataclass(frozen=True)
 class LogprobParams:
-    """Everything the autograd function needs besides tensors; `backend` is already resolved."""
+    """Everything the autograd function needs besides the differentiable tensors; `backend` is resolved.
 
-    temperature: float = 1.0
+    temperature: a float, or a detached per-token tensor shaped like targets. The backends receive the
+    params of the valid rows (`for_rows`), whose per-token temperature is then a 1-D tensor aligned with
+    their rows.
+    """
+
+    temperature: Union[float, torch.Tensor] = 1.0
     softcap: Optional[float] = None
     ignore_index: int = IGNORE_INDEX
     backend: str = "torch"  # "triton" or "torch"
     interpret: bool = False  # Triton kernels run by the interpreter (CPU tensors)
     moments: bool = False  # also return sum p^2 and sum p^2 log p (forward only)
     shard: Optional[VocabShard] = None  # vocabulary-parallel: weight/bias hold these rows of the lm-head
+
+    def for_rows(self, rows: Optional[torch.Tensor]) -> LogprobParams:
+        """These params for the valid rows `rows` of the flattened tokens (None: every row)."""
+        if not isinstance(self.temperature, torch.Tensor):
+            return self
+        t = self.temperature.reshape(-1)
+        return replace(self, temperature=(t if rows is None else t.index_select(0, rows)).contiguous())
+
+    def inv_temperature(self) -> Union[float, torch.Tensor]:
+        """1 / temperature: a float, or per row fp32 (computed in float64, rounded once, as the float's)."""
+        if isinstance(self.temperature, torch.Tensor):
+            return (1.0 / self.temperature.double()).float()
+        return 1.0 / self.temperature
 
 
 def resolve_backend(backend: str, device: torch.device) -> tuple[str, bool]:
@@ -90,10 +108,11 @@ def forward_stats(hidden, weight, bias, targets, params: LogprobParams) -> dict[
     if yv.numel() == 0:
         keys = ["logprob", "entropy", "lse"] + (["sum_p2", "sum_p2_logp"] if params.moments else [])
         return {k: torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device) for k in keys}
+    rp = params.for_rows(rows)
     if params.shard is None:
-        stats = _impl(params).forward(hv, weight, bias, yv, params)
+        stats = _impl(params).forward(hv, weight, bias, yv, rp)
     else:  # this shard's partials, merged with the other ranks' (fused_rlvr.vocab_parallel)
-        part = _impl(params).forward_partials(hv, weight, bias, params.shard.local_targets(yv), params)
+        part = _impl(params).forward_partials(hv, weight, bias, params.shard.local_targets(yv), rp)
         stats = finalize(params.shard.all_reduce_partials(part))
     return {k: _scatter_rows(v, rows, n).view(targets.shape) for k, v in stats.items()}
 
@@ -154,7 +173,7 @@ def backward_grads(
         valid(entropy),
         None if grad_logprob is None else valid(grad_logprob),
         None if grad_entropy is None else valid(grad_entropy),
-        params,
+        params.for_rows(rows),
         needs,
     )
     dh = None
@@ -192,16 +211,26 @@ def make_params(
         check_linear_inputs(
             hidden, weight, targets, bias, ignore_index, backend, check_targets=vocab_parallel is None
         )
-        temp = positive_finite("temperature", temperature)
+        temp = check_temperature(temperature, targets, ignore_index, hidden.device)
         cap = positive_finite("softcap", softcap, allow_none=True)
         resolved, interpret = resolve_backend(backend, hidden.device)
         params = LogprobParams(temp, cap, ignore_index, resolved, interpret, moments)
-        return params, (temp, cap, ignore_index, str(hidden.dtype), bias is not None, moments)
+        # what must agree across the ranks of a vocabulary-parallel group (a per-token temperature's values
+        # are compared through a checksum in the gathered layout)
+        temp_kind = "per-token" if isinstance(temp, torch.Tensor) else temp
+        return params, (temp_kind, cap, ignore_index, str(hidden.dtype), bias is not None, moments)
 
     if vocab_parallel is None:
         return local_check()[0]
+    token_temperature = temperature if isinstance(temperature, torch.Tensor) and temperature.dim() else None
     params, shard = vocab_shard(
-        vocab_parallel, hidden, weight, targets, ignore_index, local_check=local_check
+        vocab_parallel,
+        hidden,
+        weight,
+        targets,
+        ignore_index,
+        local_check=local_check,
+        token_values=token_temperature,
     )
     return replace(params, shard=shard)
 
@@ -212,7 +241,7 @@ def linear_logprobs(
     targets: torch.Tensor,
     *,
     bias: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
+    temperature: Union[float, torch.Tensor] = 1.0,
     softcap: Optional[float] = None,
     ignore_index: int = IGNORE_INDEX,
     return_entropy: bool = True,
@@ -237,7 +266,10 @@ def linear_logprobs(
         weight: [V, H] lm-head weight, same dtype and device as hidden.
         targets: integer [...] token ids in [0, V) or ignore_index.
         bias: optional [V] lm-head bias.
-        temperature: finite positive divisor of the (softcapped) logits.
+        temperature: finite positive divisor of the (softcapped) logits: a float, or a floating tensor
+            shaped like `targets` with one temperature per token (finite and > 0 on scored tokens; ignored
+            tokens may hold anything): logp = log_softmax(z / temperature[..., None]). No gradient flows
+            to a temperature tensor.
         softcap: optional finite positive logit soft-cap (Gemma-2's final_logit_softcapping).
         return_entropy: if False, `TokenStats.entropy` is None.
         backend: "auto" (Triton on CUDA, chunked torch on CPU), "triton" (on CPU: the Triton interpreter),
@@ -287,7 +319,7 @@ def linear_entropy_moments(
     targets: torch.Tensor,
     *,
     bias: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
+    temperature: Union[float, torch.Tensor] = 1.0,
     softcap: Optional[float] = None,
     ignore_index: int = IGNORE_INDEX,
     backend: str = "auto",
@@ -297,6 +329,7 @@ def linear_entropy_moments(
 
     Returns fp32 tensors shaped like targets: logprob, entropy, lse, sum_p2 = sum_v p_v^2 and
     sum_p2_logp = sum_v p_v^2 log p_v — what the first-order entropy-change estimate needs.
+    temperature: a float or a per-token tensor shaped like targets, as in `linear_logprobs`.
     vocab_parallel: a vocabulary-parallel weight shard, as in `linear_logprobs`.
     """
     params = make_params(

@@ -11,6 +11,10 @@ from fused_rlvr.grpo import GRPOStats, linear_grpo_loss
 from fused_rlvr.pacs import PACSStats, linear_pacs_loss
 
 
+def _with_temperature(kwargs: dict, temperature) -> dict:
+    return kwargs if temperature is None else dict(kwargs, temperature=temperature)
+
+
 class LinearGRPOLoss(torch.nn.Module):
     """`linear_grpo_loss` with its hyper-parameters fixed at construction."""
 
@@ -63,8 +67,10 @@ class LinearGRPOLoss(torch.nn.Module):
         max_len=None,
         old_entropy=None,
         vocab_parallel=None,
+        temperature=None,
     ) -> tuple[torch.Tensor, GRPOStats]:
-        """vocab_parallel: `weight` is this rank's vocabulary shard (see linear_logprobs)."""
+        """vocab_parallel: `weight` is this rank's vocabulary shard (see linear_logprobs). temperature: this
+        call's (a float or a per-token [B, T] tensor) instead of the one given at construction."""
         return linear_grpo_loss(
             hidden,
             weight,
@@ -78,7 +84,7 @@ class LinearGRPOLoss(torch.nn.Module):
             max_len=max_len,
             old_entropy=old_entropy,
             vocab_parallel=vocab_parallel,
-            **self.kwargs,
+            **_with_temperature(self.kwargs, temperature),
         )
 
     def extra_repr(self) -> str:
@@ -121,8 +127,10 @@ class LinearPACSLoss(torch.nn.Module):
         bias=None,
         normalizer=None,
         vocab_parallel=None,
+        temperature=None,
     ) -> tuple[torch.Tensor, PACSStats]:
-        """vocab_parallel: `weight` is this rank's vocabulary shard (see linear_logprobs)."""
+        """vocab_parallel: `weight` is this rank's vocabulary shard (see linear_logprobs). temperature: this
+        call's (a float or a per-token [B, T] tensor) instead of the one given at construction."""
         return linear_pacs_loss(
             hidden,
             weight,
@@ -134,7 +142,7 @@ class LinearPACSLoss(torch.nn.Module):
             bias=bias,
             normalizer=normalizer,
             vocab_parallel=vocab_parallel,
-            **self.kwargs,
+            **_with_temperature(self.kwargs, temperature),
         )
 
     def extra_repr(self) -> str:

@@ -111,7 +111,7 @@ def linear_pacs_loss(
     beta: float = 1.0,
     baseline: str = "rloo",
     class_balance: bool = True,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     bias: Optional[torch.Tensor] = None,
     softcap: Optional[float] = None,
     backend: str = "auto",

@@ -65,9 +65,11 @@ def _logit_tile(
     stride_wv,
     stride_wk,
     inv_temp,
+    inv_temp_ptr,
     softcap,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    PER_ROW_TEMP: tl.constexpr,
     DOT_FP32: tl.constexpr,
     DOT_IEEE: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -75,7 +77,8 @@ def _logit_tile(
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """z = softcap(h W^T + b) / T for a [BLOCK_N, BLOCK_V] tile, fp32; also tanh(u / s) for the chain rule."""
+    """z = softcap(h W^T + b) / T for a [BLOCK_N, BLOCK_V] tile, fp32; also tanh(u / s) for the chain rule
+    and 1 / T (the scalar, or behind PER_ROW_TEMP each row's value as a [BLOCK_N, 1] column)."""
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)
     cols = tl.minimum(offs_v, V - 1).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
@@ -107,7 +110,10 @@ def _logit_tile(
         t = (1.0 - e) / (1.0 + e)
         t = tl.where(x < 0, -t, t)
         acc = softcap * t
-    return acc * inv_temp, t
+    if PER_ROW_TEMP:
+        inv_t = tl.load(inv_temp_ptr + rows)[:, None]
+        return acc * inv_t, t, inv_t
+    return acc * inv_temp, t, inv_temp
 
 
 @triton.jit
@@ -128,9 +134,11 @@ def _fwd_kernel(
     stride_wv,
     stride_wk,
     inv_temp,
+    inv_temp_ptr,
     softcap,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    PER_ROW_TEMP: tl.constexpr,
     MOMENTS: tl.constexpr,
     DOT_FP32: tl.constexpr,
     DOT_IEEE: tl.constexpr,
@@ -157,7 +165,7 @@ def _fwd_kernel(
     for v0 in tl.range(v_first, v_last, BLOCK_V, flatten=FLATTEN):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
-        z, _t = _logit_tile(
+        z, _t, _inv = _logit_tile(
             h_ptr,
             w_ptr,
             b_ptr,
@@ -171,9 +179,11 @@ def _fwd_kernel(
             stride_wv,
             stride_wk,
             inv_temp,
+            inv_temp_ptr,
             softcap,
             HAS_BIAS,
             HAS_SOFTCAP,
+            PER_ROW_TEMP,
             DOT_FP32,
             DOT_IEEE,
             EVEN_K,
@@ -231,9 +241,11 @@ def _dlogits_kernel(
     stride_dzn,
     stride_dzv,
     inv_temp,
+    inv_temp_ptr,
     softcap,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    PER_ROW_TEMP: tl.constexpr,
     HAS_GLP: tl.constexpr,
     HAS_GENT: tl.constexpr,
     DOT_FP32: tl.constexpr,
@@ -250,7 +262,7 @@ def _dlogits_kernel(
     offs_v = v_start + local_v
     mask_n = offs_n < N
     mask_v = (offs_v < V) & (local_v < V_CHUNK)
-    z, t = _logit_tile(
+    z, t, inv_t = _logit_tile(
         h_ptr,
         w_ptr,
         b_ptr,
@@ -264,9 +276,11 @@ def _dlogits_kernel(
         stride_wv,
         stride_wk,
         inv_temp,
+        inv_temp_ptr,
         softcap,
         HAS_BIAS,
         HAS_SOFTCAP,
+        PER_ROW_TEMP,
         DOT_FP32,
         DOT_IEEE,
         EVEN_K,
@@ -287,7 +301,7 @@ def _dlogits_kernel(
         ent = tl.load(ent_ptr + rows)
         # log p floored at -200 (p is exactly 0 below -103.3 in fp32): 0, not 0 * inf, at -inf logits
         dz -= c[:, None] * p * (tl.maximum(logp, -200.0) + ent[:, None])
-    du = dz * inv_temp
+    du = dz * inv_t
     if HAS_SOFTCAP:
         du = du * (1.0 - t * t)
     out = dz_ptr + offs_n.to(tl.int64)[:, None] * stride_dzn + local_v.to(tl.int64)[None, :] * stride_dzv
@@ -300,12 +314,18 @@ def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
 
-def _flags(
-    hidden: torch.Tensor, weight: torch.Tensor, bias, softcap, cfg: TileConfig, interpret: bool
-) -> dict:
+def _temperature_args(inv_temperature, hidden: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """(scalar 1/T, pointer to per-row 1/T): a float gives a dummy pointer, a [N] tensor a scalar 1.0."""
+    if isinstance(inv_temperature, torch.Tensor):
+        return 1.0, inv_temperature.to(torch.float32).contiguous()
+    return float(inv_temperature), hidden
+
+
+def _flags(hidden: torch.Tensor, bias, softcap, inv_temperature, cfg: TileConfig, interpret: bool) -> dict:
     return dict(
         HAS_BIAS=bias is not None,
         HAS_SOFTCAP=softcap is not None,
+        PER_ROW_TEMP=isinstance(inv_temperature, torch.Tensor),
         DOT_FP32=interpret and hidden.dtype != torch.float32,
         DOT_IEEE=(not interpret) and hidden.dtype == torch.float32,
         EVEN_K=hidden.shape[1] % cfg.BLOCK_K == 0,
@@ -322,7 +342,7 @@ def forward(
     bias: torch.Tensor | None,
     targets: torch.Tensor,
     *,
-    inv_temperature: float,
+    inv_temperature: float | torch.Tensor,
     softcap: float | None,
     moments: bool,
     interpret: bool,
@@ -330,11 +350,13 @@ def forward(
 ) -> torch.Tensor:
     """Online-softmax partials [stats, splits, N] (m, S, Sd, z_y[, S2, S2d]) of rows with targets in [0, V).
 
+    inv_temperature: 1 / T, a float or a per-row [N] tensor (one value per row of hidden).
     `fused_rlvr._partials.reduce_partials` merges the splits and `finalize` turns them into lp/entropy/lse.
     """
     N, H = hidden.shape
     V = weight.shape[0]
     targets, bias = _dense(targets), _dense(bias)
+    inv_scalar, inv_ptr = _temperature_args(inv_temperature, hidden)
 
     def launch(cfg: TileConfig) -> torch.Tensor:
         n_tiles = triton.cdiv(N, cfg.BLOCK_N)
@@ -361,11 +383,12 @@ def forward(
             hidden.stride(1),
             weight.stride(0),
             weight.stride(1),
-            float(inv_temperature),
+            inv_scalar,
+            inv_ptr,
             float(softcap or 1.0),
             MOMENTS=moments,
             FLATTEN=cfg.FLATTEN,
-            **_flags(hidden, weight, bias, softcap, cfg, interpret),
+            **_flags(hidden, bias, softcap, inv_temperature, cfg, interpret),
             **({} if interpret else cfg.as_launch()),
         )
         return part
@@ -380,6 +403,7 @@ def forward(
             bias is not None,
             softcap is not None,
             moments,
+            isinstance(inv_temperature, torch.Tensor),
         )
         config = _choose(key, configs.FWD_GPU, configs.FWD_CANDIDATES, launch, interpret)
     return launch(config)
@@ -419,7 +443,7 @@ def dlogits(
     out: torch.Tensor,
     v_start: int,
     *,
-    inv_temperature: float,
+    inv_temperature: float | torch.Tensor,
     softcap: float | None,
     interpret: bool,
     config: TileConfig | None = None,
@@ -430,6 +454,7 @@ def dlogits(
     chunk = out.shape[1]
     targets, bias, lse, entropy = _dense(targets), _dense(bias), _dense(lse), _dense(entropy)
     grad_logprob, grad_entropy = _dense(grad_logprob), _dense(grad_entropy)
+    inv_scalar, inv_ptr = _temperature_args(inv_temperature, hidden)
 
     def launch(cfg: TileConfig) -> torch.Tensor:
         grid = (triton.cdiv(N, cfg.BLOCK_N) * triton.cdiv(chunk, cfg.BLOCK_V),)
@@ -454,11 +479,12 @@ def dlogits(
             weight.stride(1),
             out.stride(0),
             out.stride(1),
-            float(inv_temperature),
+            inv_scalar,
+            inv_ptr,
             float(softcap or 1.0),
             HAS_GLP=grad_logprob is not None,
             HAS_GENT=grad_entropy is not None,
-            **_flags(hidden, weight, bias, softcap, cfg, interpret),
+            **_flags(hidden, bias, softcap, inv_temperature, cfg, interpret),
             **({} if interpret else cfg.as_launch()),
         )
         return out
@@ -474,6 +500,7 @@ def dlogits(
             softcap is not None,
             grad_logprob is not None,
             grad_entropy is not None,
+            isinstance(inv_temperature, torch.Tensor),
         )
         config = _choose(key, configs.BWD_GPU, configs.BWD_CANDIDATES, launch, interpret)
     return launch(config)

@@ -44,7 +44,19 @@ def _backend(name):
 
 
 def _kw(case):
-    return dict(LP_CASES[case]["kw"], backend=_backend(LP_CASES[case]["kw"]["backend"]))
+    kw = dict(LP_CASES[case]["kw"], backend=_backend(LP_CASES[case]["kw"]["backend"]))
+    if LP_CASES[case].get("token_temperature"):
+        kw["temperature"] = _token_temperature(case)
+    return kw
+
+
+def _token_temperature(case, rank=0):
+    """A per-token temperature shaped like the case's targets; each rank writes its own (different) value
+    on the ignored tokens, where any value is allowed."""
+    _, _, targets, _, _, _ = _lp_problem(case)
+    g = torch.Generator().manual_seed(7)
+    temp = (0.4 + torch.rand(targets.shape, generator=g)).to(DEVICE)
+    return torch.where(targets == -100, -1.0 - rank, temp)
 
 
 # name -> problem; `starts` None: rank-ordered shards [0, 20), [20, 37), else each rank's vocab_start
@@ -92,6 +104,24 @@ LP_CASES = {
     ),
     "triton_masked_shard": dict(
         lead=(12,), h=16, bias=True, ignore=0.0, starts=None, mask_shard=True, kw=dict(backend="triton")
+    ),
+    "torch_token_temperature": dict(
+        lead=(4, 5),
+        h=16,
+        bias=True,
+        ignore=0.3,
+        starts=None,
+        token_temperature=True,
+        kw=dict(backend="torch"),
+    ),
+    "triton_token_temperature_softcap": dict(
+        lead=(10,),
+        h=16,
+        bias=False,
+        ignore=0.2,
+        starts=(17, 0),
+        token_temperature=True,
+        kw=dict(softcap=4.0, backend="triton"),
     ),
 }
 
@@ -265,6 +295,8 @@ def _rank_lp(case, rank, group):
     hidden, weight, targets, bias, g_lp, g_ent = _lp_problem(case)
     start, size = _shard(rank, LP_CASES[case]["starts"])
     kw = dict(_kw(case), vocab_parallel=F.VocabParallel(group, start))
+    if LP_CASES[case].get("token_temperature"):  # differs across ranks on the ignored tokens only
+        kw["temperature"] = _token_temperature(case, rank)
     return _run_lp(
         hidden,
         weight[start : start + size],
@@ -349,6 +381,14 @@ def _error_call(
     )
 
 
+def _scored_temperature(value_at_0):
+    """Ones shaped like the error cases' targets, `value_at_0` at the first scored token."""
+    _, _, targets, _, _, _ = _lp_problem("torch_bias_temperature_ignored")
+    temp = torch.ones(targets.shape, device=targets.device)
+    temp.view(-1)[int((targets.view(-1) != -100).nonzero()[0])] = value_at_0
+    return temp
+
+
 def _set_target(t, value):
     t = t.clone()
     t.view(-1)[3] = value
@@ -364,6 +404,8 @@ ERROR_CASES = {
     "targets_differ": dict(targets_fn=lambda r, t: _set_target(t, 5 + r)),
     "hidden_rows_differ": dict(hidden_fn=lambda r, h: h[: 3 + r], targets_fn=lambda r, t: t[: 3 + r]),
     "temperature_differs": dict(),  # temperature set per rank below
+    "token_temperature_differs": dict(),  # a per-token temperature, one scored token differs (below)
+    "float_vs_token_temperature": dict(),  # rank 0 a float, rank 1 a tensor (below)
     "local_error_on_rank_1": dict(weight_fn=lambda r, w: w.double() if r == 1 else w),
     "full_weight_on_every_rank": dict(full_weight=True),
 }
@@ -427,6 +469,10 @@ def _worker(rank, init_file, out_dir, device):
         spec = dict(spec)
         if name == "temperature_differs":
             spec["temperature"] = 1.0 + rank
+        if name == "token_temperature_differs":
+            spec["temperature"] = _scored_temperature(0.5 + 0.25 * rank)
+        if name == "float_vs_token_temperature":
+            spec["temperature"] = 0.7 if rank == 0 else _scored_temperature(0.7)
         record("error_" + name, lambda spec=spec: _error_call(rank, group, **spec))
     # a group that is not the one the weight was split over: rank 0 alone, rank 1 not a member
     solo = dist.new_group([0])
@@ -506,13 +552,13 @@ def _compare(dist_out, single, starts, tol):
 @pytest.mark.parametrize("case", list(LP_CASES))
 def test_vocab_parallel_equals_single_process(ranks, case):
     hidden, weight, targets, bias, g_lp, g_ent = _lp_problem(case)
-    single = _run_lp(hidden, weight, targets, bias, g_lp, g_ent, **LP_CASES[case]["kw"])
+    single = _run_lp(hidden, weight, targets, bias, g_lp, g_ent, **_kw(case))
     bf16 = LP_CASES[case].get("dtype") == torch.bfloat16
     # fp32: only the order of the vocabulary sums differs (observed <= 2.5e-7); bf16: one ulp of the
     # bf16 gradients at most (observed: equal)
     _compare(_ok(ranks, case), single, LP_CASES[case]["starts"], 4e-3 if bf16 else 1e-6)
     if not bf16:  # and the float64 ground truth, as for the single-process op
-        kw = {k: v for k, v in LP_CASES[case]["kw"].items() if k in ("temperature", "softcap")}
+        kw = {k: v for k, v in _kw(case).items() if k in ("temperature", "softcap")}
         truth = _run_lp(
             hidden.double(),
             weight.double(),
@@ -581,6 +627,8 @@ ERROR_EXPECTATIONS = [  # (case, error type per rank, fragments of the messages)
     ("targets_differ", ("ValueError",) * 2, ["targets differ across the ranks"]),
     ("hidden_rows_differ", ("ValueError",) * 2, ["rank 0: N=18 rows", "rank 1: N=24 rows"]),
     ("temperature_differs", ("ValueError",) * 2, ["temperature, softcap"]),
+    ("token_temperature_differs", ("ValueError",) * 2, ["per-token temperature differs across the ranks"]),
+    ("float_vs_token_temperature", ("ValueError",) * 2, ["temperature, softcap"]),
     ("local_error_on_rank_1", ("RuntimeError", "TypeError"), ["failed on rank(s) [1]", "weight dtype"]),
     ("full_weight_on_every_rank", ("ValueError",) * 2, ["overlap", "is vocab_parallel.group the group"]),
     ("subgroup", ("ValueError",) * 2, ["is owned by no rank", "not a member of vocab_parallel.group"]),

@@ -104,6 +104,28 @@ def test_sequence_token_stats_match_model_logits(arch):
         assert rel_err(g_ours[name], g_ref[name]) < 1e-5, name  # observed <= 8e-7 (fp32)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ["llama", "gemma2-softcap"])
+def test_per_token_temperature_aligned_with_the_outputs(arch, backend):
+    """temperature [B, T-1]: temperature[b, t] divides the logits that score input_ids[b, t + 1]."""
+    ours = _model(arch).float().eval()
+    ref = copy.deepcopy(ours)
+    ids, attn, resp = _batch()
+    g = torch.Generator().manual_seed(5)
+    temperature = 0.4 + torch.rand(ids.shape[0], ids.shape[1] - 1, generator=g)
+    temperature[resp[:, 1:] == 0] = float("nan")  # unscored positions: any value
+    g_lp, g_ent = torch.randn(3, 10, generator=g), torch.randn(3, 10, generator=g)
+    lp, ent = sequence_token_stats(ours, ids, attn, resp, temperature=temperature, backend=backend)
+    ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+    safe = torch.where(resp[:, 1:] > 0, temperature, 1.0)
+    r_lp, r_ent = _reference(ref, ids, attn, resp, safe[..., None])
+    ((r_lp * g_lp).sum() + (r_ent * g_ent).sum()).backward()
+    assert rel_err(lp, r_lp) < 1e-5 and rel_err(ent, r_ent) < 1e-5
+    g_ours, g_ref = _grads(ours), _grads(ref)
+    for name in g_ref:
+        assert rel_err(g_ours[name], g_ref[name]) < 1e-5, name
+
+
 def test_lm_head_reads_bias_softcap_and_tied_weight():
     gemma = _model("gemma2-softcap")
     head = lm_head(gemma)

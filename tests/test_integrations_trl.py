@@ -360,3 +360,25 @@ def test_add_fused_lm_head_contract(model_dir):
         assert rel_err(getattr(b, key), getattr(a, key)) < 1e-6, key
     assert torch.equal(a.label_mask, b.label_mask)
     torch.testing.assert_close(mine(input_ids=ids).logits, theirs(input_ids=ids).logits)
+
+
+def test_add_fused_lm_head_per_token_temperature(model_dir):
+    """temperature= per call, a tensor aligned with labels[:, 1:]: the model's logits divided row by row."""
+    model = Qwen2ForCausalLM.from_pretrained(model_dir)
+    add_fused_lm_head(model, temperature=0.8, outputs=("log_probs", "entropy"))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 40, (3, 12), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    temp = 0.5 + torch.rand(3, 11, generator=g)
+    out = model(input_ids=ids, labels=labels, fused_lm_head=True, temperature=temp)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1].double() / temp.double()[..., None]
+    logp = logits.log_softmax(-1)
+    mask = labels[:, 1:] != -100
+    want_lp = torch.where(mask, logp.gather(-1, ids[:, 1:, None])[..., 0], 0.0)
+    want_ent = torch.where(mask, -(logp.exp() * logp).sum(-1), 0.0)
+    assert rel_err(out.log_probs, want_lp) < 1e-5 and rel_err(out.entropy, want_ent) < 1e-5
+    default = model(input_ids=ids, labels=labels, fused_lm_head=True)  # the patch-time float otherwise
+    scalar = model(input_ids=ids, labels=labels, fused_lm_head=True, temperature=torch.full((3, 11), 0.8))
+    assert rel_err(default.log_probs, scalar.log_probs) < 1e-6

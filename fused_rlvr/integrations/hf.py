@@ -48,12 +48,14 @@ class LMHead:
         hidden: torch.Tensor,
         targets: torch.Tensor,
         *,
-        temperature: float = 1.0,
+        temperature: float | torch.Tensor = 1.0,
         ignore_index: int = IGNORE_INDEX,
         return_entropy: bool = True,
         backend: str = "auto",
     ) -> TokenStats:
-        """`fused_rlvr.linear_logprobs` of `targets` [...] given `hidden` [..., H] under this head."""
+        """`fused_rlvr.linear_logprobs` of `targets` [...] given `hidden` [..., H] under this head.
+
+        temperature: a float or a per-token tensor shaped like `targets`."""
         hidden, weight, bias = _match_head_dtype(hidden, self.weight, self.bias)
         with _no_autocast(hidden.device):
             return linear_logprobs(
@@ -208,7 +210,7 @@ def sequence_token_stats(
     attention_mask: Optional[torch.Tensor],
     response_mask: Optional[torch.Tensor],
     *,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     return_entropy: bool = True,
     backend: str = "auto",
     **forward_kwargs,
@@ -224,7 +226,9 @@ def sequence_token_stats(
         logp = torch.log_softmax(logits[:, :-1] / temperature, -1)
         out[b, t] = logp[b, t, input_ids[b, t + 1]] if response_mask[b, t + 1] else 0
 
-    (the logits including Gemma-2's soft-cap). Unscored positions cost no vocabulary work. Differentiable
+    (the logits including Gemma-2's soft-cap). `temperature` is a float or a per-token [B, T-1] tensor
+    aligned with the outputs (temperature[b, t] divides the logits that score input_ids[b, t + 1]; any value
+    where the token is not scored). Unscored positions cost no vocabulary work. Differentiable
     w.r.t. the model's parameters; run under torch.no_grad() for old / reference log-probs. A None
     response_mask scores every position.
     """

@@ -128,6 +128,8 @@ def add_fused_lm_head(
     Without `fused_lm_head=True` the model's previous forward runs (generation is unchanged). Also accepts
     `fused_lm_head="hidden"`: returns the backbone output (last hidden states) for a loss that reads the head
     itself (FusedGRPOTrainer). Patch the transformers model (for PEFT, `peft_model.get_base_model()`).
+    The patched forward also takes `temperature=` per call (with fused_lm_head=True): a float, or a per-token
+    tensor aligned with the scored positions (labels[:, 1:], or shift_labels), instead of `temperature`.
     """
     unknown = [o for o in outputs if o not in SUPPORTED_OUTPUTS]
     if unknown:
@@ -137,13 +139,23 @@ def add_fused_lm_head(
         )
     lm_head(model)  # fail now, naming the model class, rather than at the first training step
     want_entropy = "entropy" in outputs
+    default_temperature = temperature
     previous_forward = model.forward
     text_config = model.config.get_text_config()
 
     @functools.wraps(type(model).forward)
     def _fused_forward(
-        self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs
+        self,
+        *args,
+        fused_lm_head=False,
+        labels=None,
+        shift_labels=None,
+        num_items_in_batch=None,
+        temperature=None,
+        **kwargs,
     ):
+        if temperature is not None and not fused_lm_head:
+            raise TypeError("temperature= is a keyword of the fused head: pass it with fused_lm_head=True")
         if not fused_lm_head:
             for key, value in (
                 ("labels", labels),
@@ -175,7 +187,7 @@ def add_fused_lm_head(
                 targets,
                 bias=bias,
                 softcap=softcap,
-                temperature=temperature,
+                temperature=default_temperature if temperature is None else temperature,
                 ignore_index=IGNORE_INDEX,
                 return_entropy=want_entropy,
                 backend=backend,

@@ -44,7 +44,7 @@ def linear_logprobs_entropy(
     hidden_states: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     reduction: str = "none",
     *,
     bias: Optional[torch.Tensor] = None,
@@ -64,10 +64,10 @@ def linear_logprobs_entropy(
     hidden_states [..., H] (e.g. [B, T, H] or packed [1, N, H]), labels [...] (e.g. verl's
     `torch.roll(input_ids, -1, -1)`), outputs fp32 shaped like labels, differentiable w.r.t. hidden_states
     and weight. reduction "sum" / "mean" reduces both outputs over all tokens (over the non-ignored ones for
-    "mean"). Extras verl's call lacks: bias, softcap (Gemma-2) and ignore_index (those labels give 0 and cost
-    no vocabulary work). vocab_parallel: `weight` is this rank's vocabulary shard (a
-    `fused_rlvr.VocabParallel`, see `fused_rlvr.linear_logprobs`); the outputs are the full-vocabulary values
-    on every rank.
+    "mean"). Extras verl's call lacks: bias, softcap (Gemma-2), ignore_index (those labels give 0 and cost
+    no vocabulary work) and a per-token temperature (a tensor shaped like labels). vocab_parallel: `weight`
+    is this rank's vocabulary shard (a `fused_rlvr.VocabParallel`, see `fused_rlvr.linear_logprobs`); the
+    outputs are the full-vocabulary values on every rank.
     """
     one_of("reduction", reduction, REDUCTIONS)
     ignore = IGNORE_INDEX if ignore_index is None else ignore_index
@@ -95,7 +95,7 @@ def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     reduction: str = "none",
     dist_process_group=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +132,7 @@ class FusedLinearForPPO(torch.nn.Module):
         hidden_states: torch.Tensor,
         vocab_weights: torch.Tensor,
         input_ids: torch.Tensor,
-        temperature: float = 1.0,
+        temperature: float | torch.Tensor = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return linear_logprobs_entropy(
             hidden_states, vocab_weights, input_ids, temperature, backend=self.backend
