@@ -216,3 +216,49 @@ def check_temperature(temperature, targets: torch.Tensor, ignore_index: int, dev
                 f"temperature{where} = {float(temperature[tuple(where)])}"
             )
     return temperature
+
+
+def check_lora(lora_a, lora_b, lora_scale, hidden: torch.Tensor, weight: torch.Tensor):
+    """A `fused_rlvr.lora.LoRA` from the public lora_a [r, H], lora_b [V, r], lora_scale, or None.
+
+    Both factors or neither; floating point, one dtype, on hidden's device, plain tensors; r >= 1, H as
+    hidden's width, V as weight's rows; lora_scale finite (1.0 when not given), only with the factors.
+    """
+    from fused_rlvr.lora import LoRA
+
+    if lora_a is None and lora_b is None:
+        if lora_scale is not None:
+            raise ValueError("lora_scale is given without lora_a and lora_b (the adapter's factors)")
+        return None
+    if lora_a is None or lora_b is None:
+        missing = "lora_a" if lora_a is None else "lora_b"
+        raise ValueError(f"lora_a and lora_b go together: {missing} is missing")
+    check_tensor("lora_a", lora_a)
+    check_tensor("lora_b", lora_b)
+    check_plain("lora_a", lora_a)
+    check_plain("lora_b", lora_b)
+    vocab, width = weight.shape[0], hidden.shape[-1]
+    if lora_a.dim() != 2 or lora_a.shape[0] < 1 or lora_a.shape[1] != width:
+        raise ValueError(
+            f"lora_a must be [r, H] = [r, {width}] with r >= 1 (PEFT's lora_A.weight), "
+            f"got shape {tuple(lora_a.shape)}"
+        )
+    rank = lora_a.shape[0]
+    if tuple(lora_b.shape) != (vocab, rank):
+        raise ValueError(
+            f"lora_b must be [V, r] = ({vocab}, {rank}) (PEFT's lora_B.weight; V as weight's rows, r as "
+            f"lora_a's), got shape {tuple(lora_b.shape)}"
+        )
+    for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be bfloat16, float16 or float32, got {t.dtype}")
+        if t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    if lora_a.dtype != lora_b.dtype:
+        raise TypeError(f"lora_a dtype {lora_a.dtype} differs from lora_b dtype {lora_b.dtype}")
+    scale = 1.0 if lora_scale is None else lora_scale
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(float(scale)):
+        raise ValueError(f"lora_scale must be a finite number, got {lora_scale!r}")
+    return LoRA(lora_a, lora_b, float(scale))

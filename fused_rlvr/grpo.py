@@ -272,6 +272,9 @@ def linear_grpo_loss(
     old_entropy: Optional[torch.Tensor] = None,
     logratio_clamp: float = 20.0,
     vocab_parallel: Optional[VocabParallel] = None,
+    lora_a: Optional[torch.Tensor] = None,
+    lora_b: Optional[torch.Tensor] = None,
+    lora_scale: Optional[float] = None,
 ) -> tuple[torch.Tensor, GRPOStats]:
     """Clipped-surrogate GRPO-family loss straight from hidden states [B, T, H] and the lm-head.
 
@@ -289,6 +292,7 @@ def linear_grpo_loss(
     vocab_parallel: `weight` (and `bias`) is this rank's vocabulary shard
     of a vocabulary-parallel lm-head, as in `linear_logprobs`; every other input is the same on all ranks,
     and so are the loss and stats; weight/bias get this shard's gradient, hidden the full one.
+    lora_a, lora_b, lora_scale: a LoRA adapter on the lm-head, as in `linear_logprobs`.
 
     Returns (loss, GRPOStats).
     """
@@ -341,6 +345,9 @@ def linear_grpo_loss(
         backend,
         moments,
         vocab_parallel=vocab_parallel,
+        lora_a=lora_a,
+        lora_b=lora_b,
+        lora_scale=lora_scale,
     )
     lp, ent, p2, p2logp = fused_token_stats(hidden, weight, bias, y, lp_params)
 

@@ -12,7 +12,8 @@ import torch
 from fused_rlvr import _torch_backend, _triton_backend
 from fused_rlvr._kernels import triton_available
 from fused_rlvr._partials import finalize
-from fused_rlvr._validation import check_linear_inputs, check_temperature, positive_finite
+from fused_rlvr._validation import check_linear_inputs, check_lora, check_temperature, positive_finite
+from fused_rlvr.lora import LoRA
 from fused_rlvr.types import IGNORE_INDEX, TokenStats
 from fused_rlvr.vocab_parallel import VocabParallel, VocabShard, vocab_shard
 
@@ -33,6 +34,7 @@ class LogprobParams:
     interpret: bool = False  # Triton kernels run by the interpreter (CPU tensors)
     moments: bool = False  # also return sum p^2 and sum p^2 log p (forward only)
     shard: Optional[VocabShard] = None  # vocabulary-parallel: weight/bias hold these rows of the lm-head
+    lora: Optional[LoRA] = None  # a LoRA adapter on the head: u = h W^T + scale (h A^T) B^T + b
 
     def for_rows(self, rows: Optional[torch.Tensor]) -> LogprobParams:
         """These params for the valid rows `rows` of the flattened tokens (None: every row)."""
@@ -118,13 +120,19 @@ def forward_stats(hidden, weight, bias, targets, params: LogprobParams) -> dict[
 
 
 class LinearLogprobFunction(torch.autograd.Function):
-    """(hidden, weight, bias, targets, params) -> (logprobs, entropy); see `linear_logprobs`."""
+    """(hidden, weight, bias, targets, params, lora_a, lora_b) -> (logprobs, entropy); see `linear_logprobs`.
+
+    lora_a / lora_b are params.lora's tensors (None without an adapter), inputs here so that autograd
+    tracks them.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, params: LogprobParams):
+    def forward(ctx, hidden, weight, bias, targets, params: LogprobParams, lora_a=None, lora_b=None):
         stats = forward_stats(hidden, weight, bias, targets, params)
-        ctx.params = params
-        ctx.save_for_backward(hidden, weight, bias, targets, stats["lse"], stats["entropy"])
+        # the adapter's tensors are saved as tensors (version-checked), not kept inside ctx.params
+        ctx.params = params if params.lora is None else replace(params, lora=None)
+        ctx.lora_scale = None if params.lora is None else params.lora.scale
+        ctx.save_for_backward(hidden, weight, bias, targets, stats["lse"], stats["entropy"], lora_a, lora_b)
         ctx.set_materialize_grads(False)
         if params.moments:  # (sum p^2, sum p^2 log p) ride along, not differentiable
             ctx.mark_non_differentiable(stats["sum_p2"], stats["sum_p2_logp"])
@@ -134,15 +142,23 @@ class LinearLogprobFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logprob, grad_entropy, *_moment_grads):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        needs = (need_h, need_w, bias is not None and need_b)
-        if (grad_logprob is None and grad_entropy is None) or not any(needs):
-            return None, None, None, None, None
-        grads = backward_grads(
-            hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy, ctx.params, needs
+        hidden, weight, bias, targets, lse, entropy, lora_a, lora_b = ctx.saved_tensors
+        need_h, need_w, need_b, _, _, need_a, need_lb = ctx.needs_input_grad
+        lora = None if lora_a is None else LoRA(lora_a, lora_b, ctx.lora_scale)
+        needs = (
+            need_h,
+            need_w,
+            bias is not None and need_b,
+            lora is not None and need_a,
+            lora is not None and need_lb,
         )
-        return (*grads, None, None)
+        if (grad_logprob is None and grad_entropy is None) or not any(needs):
+            return (None,) * 7
+        params = ctx.params if lora is None else replace(ctx.params, lora=lora)
+        dh, dw, db, da, dlb = backward_grads(
+            hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy, params, needs
+        )
+        return dh, dw, db, None, None, da, dlb
 
 
 @torch.compiler.disable
@@ -150,21 +166,25 @@ class LinearLogprobFunction(torch.autograd.Function):
 def backward_grads(
     hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy, params: LogprobParams, needs
 ):
-    """(d_hidden, d_weight, d_bias) for upstream grads of the per-token outputs (None where not needed).
+    """(d_hidden, d_weight, d_bias, d_lora_a, d_lora_b) for upstream grads of the per-token outputs (None
+    where `needs` says a gradient is not needed).
 
-    Vocabulary-parallel: d_weight and d_bias are this rank's shard; d_hidden is all-reduced over the group
-    (in fp32, before the cast to hidden's dtype) unless the shard says the caller does it.
+    Vocabulary-parallel: d_weight, d_bias and d_lora_b are this rank's shard; d_hidden is all-reduced over the
+    group (in fp32, before the cast to hidden's dtype) unless the shard says the caller does it; d_lora_a
+    (A is replicated on every rank) is always all-reduced, so every rank holds the full gradient of A.
     """
     h2, y, rows, hv, yv = _flatten(hidden, targets, params.ignore_index)
     if yv.numel() == 0:
-        return tuple(torch.zeros_like(t) if need else None for t, need in zip((hidden, weight, bias), needs))
+        lora = params.lora
+        inputs = (hidden, weight, bias) + ((None, None) if lora is None else (lora.a, lora.b))
+        return tuple(torch.zeros_like(t) if need else None for t, need in zip(inputs, needs))
 
     def valid(t):
         t = t.reshape(-1)
         return (t if rows is None else t.index_select(0, rows)).float().contiguous()
 
     shard = params.shard
-    dhv, dw, db = _impl(params).backward(
+    dhv, dw, db, da, dlb = _impl(params).backward(
         hv,
         weight,
         bias,
@@ -185,7 +205,9 @@ def backward_grads(
         dh = dh.view(hidden.shape)
     if db is not None:
         db = db.to(bias.dtype)
-    return dh, dw, db
+    if da is not None and shard is not None:
+        da = shard.all_reduce_replicated_grad(da)
+    return dh, dw, db, da, dlb
 
 
 def make_params(
@@ -200,11 +222,15 @@ def make_params(
     moments=False,
     *,
     vocab_parallel: Optional[VocabParallel] = None,
+    lora_a: Optional[torch.Tensor] = None,
+    lora_b: Optional[torch.Tensor] = None,
+    lora_scale: Optional[float] = None,
 ) -> LogprobParams:
     """Validate the public arguments and build the LogprobParams for them.
 
     With `vocab_parallel`, weight/bias are this rank's vocabulary shard: the checks then run on every rank
     together (fused_rlvr.vocab_parallel.vocab_shard) and the params carry the resolved VocabShard.
+    lora_a / lora_b / lora_scale: a LoRA adapter on the head (`linear_logprobs`), carried as params.lora.
     """
 
     def local_check():
@@ -213,12 +239,17 @@ def make_params(
         )
         temp = check_temperature(temperature, targets, ignore_index, hidden.device)
         cap = positive_finite("softcap", softcap, allow_none=True)
+        lora = check_lora(lora_a, lora_b, lora_scale, hidden, weight)
         resolved, interpret = resolve_backend(backend, hidden.device)
-        params = LogprobParams(temp, cap, ignore_index, resolved, interpret, moments)
+        params = LogprobParams(temp, cap, ignore_index, resolved, interpret, moments, lora=lora)
         # what must agree across the ranks of a vocabulary-parallel group (a per-token temperature's values
-        # are compared through a checksum in the gathered layout)
+        # and the replicated lora_a are compared through checksums in the gathered layout)
         temp_kind = "per-token" if isinstance(temp, torch.Tensor) else temp
-        return params, (temp_kind, cap, ignore_index, str(hidden.dtype), bias is not None, moments)
+        adapter = None
+        if lora is not None:
+            a_grad = torch.is_grad_enabled() and lora.a.requires_grad
+            adapter = (lora.rank, lora.scale, str(lora.a.dtype), a_grad)
+        return params, (temp_kind, cap, ignore_index, str(hidden.dtype), bias is not None, moments, adapter)
 
     if vocab_parallel is None:
         return local_check()[0]
@@ -231,6 +262,7 @@ def make_params(
         ignore_index,
         local_check=local_check,
         token_values=token_temperature,
+        replicated=lora_a if isinstance(lora_a, torch.Tensor) else None,
     )
     return replace(params, shard=shard)
 
@@ -247,19 +279,25 @@ def linear_logprobs(
     return_entropy: bool = True,
     backend: str = "auto",
     vocab_parallel: Optional[VocabParallel] = None,
+    lora_a: Optional[torch.Tensor] = None,
+    lora_b: Optional[torch.Tensor] = None,
+    lora_scale: Optional[float] = None,
 ) -> TokenStats:
     """Per-token log-probabilities (and entropy) of `targets` under an lm-head, without the [N, V] logits.
 
     Equals, in plain torch (but never allocates the logits, forward or backward)::
 
         z = hidden @ weight.T + bias
+        z = z + lora_scale * (hidden @ lora_a.T) @ lora_b.T   # with a LoRA adapter on the head
         z = softcap * tanh(z / softcap)            # if softcap is given
         logp = torch.log_softmax(z / temperature, -1)
         logprobs = logp.gather(-1, targets[..., None])[..., 0]
         entropy = -(logp.exp() * logp).sum(-1)
 
     with tokens whose target is `ignore_index` giving 0 and receiving no gradient (and costing no vocabulary
-    work). Both outputs are fp32, shaped like `targets`, and differentiable w.r.t. hidden, weight and bias.
+    work). Both outputs are fp32, shaped like `targets`, and differentiable w.r.t. hidden, weight, bias,
+    lora_a and lora_b (a gradient is computed only for the tensors that require one: a frozen weight under
+    a trained adapter costs no d_weight).
 
     Args:
         hidden: [..., H] last hidden states (bf16, fp16 or fp32).
@@ -279,7 +317,14 @@ def linear_logprobs(
             targets (global ids in [0, V_total)) are the same on every rank. The outputs equal the
             single-process op on the whole weight, on every rank; the gradients are this rank's weight/bias
             shard and the full d_hidden (all-reduced over the group inside the backward unless
-            `reduce_grad_hidden=False`). See `fused_rlvr.vocab_parallel`.
+            `reduce_grad_hidden=False`). See `fused_rlvr.vocab_parallel`. With an adapter, lora_b holds the
+            same rows as weight and lora_a is replicated: its gradient is all-reduced, complete on every rank.
+        lora_a: optional [r, H] LoRA factor A of the lm-head (PEFT's `lora_A.weight`), r >= 1.
+        lora_b: [V, r] LoRA factor B (PEFT's `lora_B.weight`); given together with lora_a. Both floating
+            point, of one dtype (which may differ from weight's, as PEFT's fp32 adapters on a bf16 model),
+            on hidden's device. The rank-r term is added inside the logit tiles from scale (hidden @ A^T):
+            no merged W + scale B A and no logits are formed.
+        lora_scale: finite scale of the adapter (PEFT's `scaling`, lora_alpha / r); 1.0 when not given.
 
     Under `torch.no_grad()` (or when nothing requires grad) only the forward runs and nothing is saved.
     Inside a `torch.autocast` region the op still computes in the inputs' own dtypes, forward and backward
@@ -296,6 +341,9 @@ def linear_logprobs(
         ignore_index,
         backend,
         vocab_parallel=vocab_parallel,
+        lora_a=lora_a,
+        lora_b=lora_b,
+        lora_scale=lora_scale,
     )
     lp, ent, _, _ = fused_token_stats(hidden, weight, bias, targets, params)
     return TokenStats(lp, ent if return_entropy else None)
@@ -303,10 +351,13 @@ def linear_logprobs(
 
 def fused_token_stats(hidden, weight, bias, targets, params: LogprobParams):
     """(logprob, entropy, sum_p2, sum_p2_logp): through autograd when a parameter needs a gradient, else a
-    bare forward that saves nothing. The moments are None unless params.moments (they carry no gradient)."""
-    tracked = (hidden, weight) + (() if bias is None else (bias,))
+    bare forward that saves nothing. The moments are None unless params.moments (they carry no gradient).
+    A LoRA adapter's tensors come from params.lora."""
+    lora = params.lora
+    adapter = (None, None) if lora is None else (lora.a, lora.b)
+    tracked = (hidden, weight) + (() if bias is None else (bias,)) + (() if lora is None else adapter)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
-        out = LinearLogprobFunction.apply(hidden, weight, bias, targets, params)
+        out = LinearLogprobFunction.apply(hidden, weight, bias, targets, params, *adapter)
         return out if params.moments else (*out, None, None)
     stats = forward_stats(hidden, weight, bias, targets, params)
     return stats["logprob"], stats["entropy"], stats.get("sum_p2"), stats.get("sum_p2_logp")
@@ -324,6 +375,9 @@ def linear_entropy_moments(
     ignore_index: int = IGNORE_INDEX,
     backend: str = "auto",
     vocab_parallel: Optional[VocabParallel] = None,
+    lora_a: Optional[torch.Tensor] = None,
+    lora_b: Optional[torch.Tensor] = None,
+    lora_scale: Optional[float] = None,
 ) -> dict[str, torch.Tensor]:
     """No-grad forward with the entropy-change moments.
 
@@ -331,6 +385,7 @@ def linear_entropy_moments(
     sum_p2_logp = sum_v p_v^2 log p_v — what the first-order entropy-change estimate needs.
     temperature: a float or a per-token tensor shaped like targets, as in `linear_logprobs`.
     vocab_parallel: a vocabulary-parallel weight shard, as in `linear_logprobs`.
+    lora_a, lora_b, lora_scale: a LoRA adapter on the head, as in `linear_logprobs`.
     """
     params = make_params(
         hidden,
@@ -343,5 +398,8 @@ def linear_entropy_moments(
         backend,
         True,
         vocab_parallel=vocab_parallel,
+        lora_a=lora_a,
+        lora_b=lora_b,
+        lora_scale=lora_scale,
     )
     return forward_stats(hidden, weight, bias, targets, params)

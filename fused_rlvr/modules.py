@@ -68,9 +68,13 @@ class LinearGRPOLoss(torch.nn.Module):
         old_entropy=None,
         vocab_parallel=None,
         temperature=None,
+        lora_a=None,
+        lora_b=None,
+        lora_scale=None,
     ) -> tuple[torch.Tensor, GRPOStats]:
         """vocab_parallel: `weight` is this rank's vocabulary shard (see linear_logprobs). temperature: this
-        call's (a float or a per-token [B, T] tensor) instead of the one given at construction."""
+        call's (a float or a per-token [B, T] tensor) instead of the one given at construction. lora_a,
+        lora_b, lora_scale: a LoRA adapter on the lm-head (see linear_logprobs)."""
         return linear_grpo_loss(
             hidden,
             weight,
@@ -84,6 +88,9 @@ class LinearGRPOLoss(torch.nn.Module):
             max_len=max_len,
             old_entropy=old_entropy,
             vocab_parallel=vocab_parallel,
+            lora_a=lora_a,
+            lora_b=lora_b,
+            lora_scale=lora_scale,
             **_with_temperature(self.kwargs, temperature),
         )
 
@@ -128,9 +135,13 @@ class LinearPACSLoss(torch.nn.Module):
         normalizer=None,
         vocab_parallel=None,
         temperature=None,
+        lora_a=None,
+        lora_b=None,
+        lora_scale=None,
     ) -> tuple[torch.Tensor, PACSStats]:
         """vocab_parallel: `weight` is this rank's vocabulary shard (see linear_logprobs). temperature: this
-        call's (a float or a per-token [B, T] tensor) instead of the one given at construction."""
+        call's (a float or a per-token [B, T] tensor) instead of the one given at construction. lora_a,
+        lora_b, lora_scale: a LoRA adapter on the lm-head (see linear_logprobs)."""
         return linear_pacs_loss(
             hidden,
             weight,
@@ -142,6 +153,9 @@ class LinearPACSLoss(torch.nn.Module):
             bias=bias,
             normalizer=normalizer,
             vocab_parallel=vocab_parallel,
+            lora_a=lora_a,
+            lora_b=lora_b,
+            lora_scale=lora_scale,
             **_with_temperature(self.kwargs, temperature),
         )
 

@@ -21,6 +21,12 @@ all-reduces it (SUM, N_valid x H fp32) inside its backward, so every rank's repl
 the full gradient, exactly as without the split. Pass VocabParallel(..., reduce_grad_hidden=False) when the
 caller reduces it (e.g. sequence parallelism, where the all-gather that replicated the hidden states
 reduce-scatters the gradient in its own backward).
+A LoRA adapter on the head (`lora_a`, `lora_b`): lora_b [V_r, r] is split by rows with the weight and lora_a
+[r, H] is replicated. Each rank adds its rows' term scale (h A^T) B_r^T to its logits; in the backward
+d_lora_b is complete locally, g = du B_r is the shard's part of d(hA), so d_lora_a = scale g^T h is a partial
+sum that the op always all-reduces (SUM, r x H fp32): lora_a, like a replicated parameter, gets its full
+gradient on every rank. The adapter's part of d_hidden, scale g A, is added to the shard's partial d_hidden
+and reduced with it, by the op or, with reduce_grad_hidden=False, by the caller, as for the weight's part.
 
 Checks: each call all-gathers a dozen int64 per rank (one host sync) and raises the same error on every rank
 (so no rank is left waiting in a collective) when the shards do not tile [0, V) exactly, N, H, targets,
@@ -91,6 +97,12 @@ class VocabShard:
         dist.all_reduce(rest, op=dist.ReduceOp.SUM, group=self.process_group)
         return torch.cat([big_m.unsqueeze(0), rest])
 
+    def all_reduce_replicated_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """Sum (in place) the shards' partial gradients of a tensor replicated on every rank (a LoRA factor
+        A of the head): every rank then holds the full gradient, whatever reduce_grad_hidden says."""
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=self.process_group)
+        return grad
+
     def all_reduce_grad_hidden(self, grad: torch.Tensor) -> torch.Tensor:
         """Sum the shards' partial d_hidden (in place) unless the caller reduces it."""
         if self.reduce_grad_hidden:
@@ -111,7 +123,7 @@ def _as_group(process_group):
 
 
 # meta row fields, one int64 each
-_ERR, _START, _SIZE, _N, _H, _VALID, _SUM, _LO, _HI, _CFG, _GRAD, _VALUES = range(12)
+_ERR, _START, _SIZE, _N, _H, _VALID, _SUM, _LO, _HI, _CFG, _GRAD, _VALUES, _REPLICATED = range(13)
 
 
 def _checksum_bits(values: torch.Tensor) -> torch.Tensor:
@@ -121,11 +133,11 @@ def _checksum_bits(values: torch.Tensor) -> torch.Tensor:
 
 
 def _local_meta(
-    ok: bool, vocab_start, hidden, weight, targets, ignore_index, config, token_values
+    ok: bool, vocab_start, hidden, weight, targets, ignore_index, config, token_values, replicated
 ) -> torch.Tensor:
     device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
     head = torch.zeros(_VALID, dtype=torch.int64)
-    tail = torch.zeros(_VALUES + 1 - _VALID, dtype=torch.int64, device=device)
+    tail = torch.zeros(_REPLICATED + 1 - _VALID, dtype=torch.int64, device=device)
     if not ok:
         head[_ERR] = 1
         return torch.cat([head.to(device), tail])
@@ -146,6 +158,8 @@ def _local_meta(
     if token_values is not None and tuple(token_values.shape) == tuple(targets.shape) and t.numel():
         # per-token values (a per-token temperature) of the scored tokens; ignored ones may differ
         tail[_VALUES - _VALID] = _checksum_bits(torch.where(valid, token_values.reshape(-1).double(), 0.0))
+    if replicated is not None and replicated.numel():
+        tail[_REPLICATED - _VALID] = _checksum_bits(replicated.detach().reshape(-1).to(device))
     return torch.cat([head.to(device), tail])
 
 
@@ -158,12 +172,14 @@ def vocab_shard(
     *,
     local_check: Callable[[], tuple[Any, Any]],
     token_values: Optional[torch.Tensor] = None,
+    replicated: Optional[torch.Tensor] = None,
 ) -> tuple[Any, VocabShard]:
     """Run `local_check` (-> (result, config)) and resolve this rank's shard; raise on every rank alike.
 
     `config` is anything whose repr must agree across ranks (temperature, softcap, dtype, ...);
     `token_values` a per-token tensor shaped like targets (a per-token temperature) whose values on the
-    scored tokens must agree too (compared through a checksum).
+    scored tokens must agree too (compared through a checksum); `replicated` a tensor that every rank must
+    hold the same copy of (a LoRA factor A of the head; compared through a checksum).
     """
     if not isinstance(options, VocabParallel):
         raise TypeError(
@@ -205,7 +221,7 @@ def vocab_shard(
         return result, VocabShard(group, vocab_start, weight.shape[0], -1, rank, world, reduce_grad_hidden)
 
     meta = _local_meta(
-        error is None, vocab_start, hidden, weight, targets, ignore_index, config, token_values
+        error is None, vocab_start, hidden, weight, targets, ignore_index, config, token_values, replicated
     )
     gathered = [torch.empty_like(meta) for _ in range(world)]
     dist.all_gather(gathered, meta, group=group)
@@ -233,8 +249,15 @@ def vocab_shard(
         )
     if differ(_CFG):
         raise ValueError(
-            f"temperature, softcap, ignore_index, dtype or bias presence differ across the "
-            f"ranks of vocab_parallel.group (this is rank {rank} with {config!r})"
+            f"temperature, softcap, ignore_index, dtype, bias presence or the LoRA adapter (rank, scale, "
+            f"dtype, whether lora_a requires grad) differ across the ranks of vocab_parallel.group (this is "
+            f"rank {rank} with {config!r})"
+        )
+    if differ(_REPLICATED):
+        raise ValueError(
+            "lora_a differs across the ranks of vocab_parallel.group: the LoRA factor A of a "
+            "vocabulary-parallel head is replicated (the same [r, H] tensor on every rank; lora_b is split "
+            "by rows as the weight)"
         )
     if differ(_VALUES):
         raise ValueError(

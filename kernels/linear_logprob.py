@@ -67,9 +67,16 @@ def _logit_tile(
     inv_temp,
     inv_temp_ptr,
     softcap,
+    ha_ptr,
+    lb_ptr,
+    R,
+    stride_lbv,
+    stride_lbr,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     PER_ROW_TEMP: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    R_PAD: tl.constexpr,
     DOT_FP32: tl.constexpr,
     DOT_IEEE: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -77,8 +84,12 @@ def _logit_tile(
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """z = softcap(h W^T + b) / T for a [BLOCK_N, BLOCK_V] tile, fp32; also tanh(u / s) for the chain rule
-    and 1 / T (the scalar, or behind PER_ROW_TEMP each row's value as a [BLOCK_N, 1] column)."""
+    """z = softcap(h W^T + hA B^T + b) / T for a [BLOCK_N, BLOCK_V] tile, fp32; also tanh(u / s) for the
+    chain rule and 1 / T (the scalar, or behind PER_ROW_TEMP each row's value as a [BLOCK_N, 1] column).
+
+    Behind HAS_LORA, hA = scale h A^T is the rows' precomputed fp32 [N, R] projection and B the [V, R] LoRA
+    factor: one rank-R dot per tile (R padded to R_PAD >= 16 with zeros), fp32 operands (tf32 on GPUs for
+    16-bit inputs, IEEE for fp32 ones)."""
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)
     cols = tl.minimum(offs_v, V - 1).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
@@ -101,6 +112,18 @@ def _logit_tile(
             acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K * stride_hk
         b_ptrs += BLOCK_K * stride_wk
+    if HAS_LORA:
+        offs_r = tl.arange(0, R_PAD)
+        ha = tl.load(ha_ptr + rows[:, None] * R + offs_r[None, :], mask=offs_r[None, :] < R, other=0.0)
+        lb = tl.load(
+            lb_ptr + offs_r[:, None] * stride_lbr + cols[None, :] * stride_lbv,
+            mask=offs_r[:, None] < R,
+            other=0.0,
+        ).to(tl.float32)
+        if DOT_IEEE:
+            acc = tl.dot(ha, lb, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(ha, lb, acc, input_precision="tf32")
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
     t = acc
@@ -136,9 +159,16 @@ def _fwd_kernel(
     inv_temp,
     inv_temp_ptr,
     softcap,
+    ha_ptr,
+    lb_ptr,
+    R,
+    stride_lbv,
+    stride_lbr,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     PER_ROW_TEMP: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    R_PAD: tl.constexpr,
     MOMENTS: tl.constexpr,
     DOT_FP32: tl.constexpr,
     DOT_IEEE: tl.constexpr,
@@ -181,9 +211,16 @@ def _fwd_kernel(
             inv_temp,
             inv_temp_ptr,
             softcap,
+            ha_ptr,
+            lb_ptr,
+            R,
+            stride_lbv,
+            stride_lbr,
             HAS_BIAS,
             HAS_SOFTCAP,
             PER_ROW_TEMP,
+            HAS_LORA,
+            R_PAD,
             DOT_FP32,
             DOT_IEEE,
             EVEN_K,
@@ -243,9 +280,16 @@ def _dlogits_kernel(
     inv_temp,
     inv_temp_ptr,
     softcap,
+    ha_ptr,
+    lb_ptr,
+    R,
+    stride_lbv,
+    stride_lbr,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     PER_ROW_TEMP: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    R_PAD: tl.constexpr,
     HAS_GLP: tl.constexpr,
     HAS_GENT: tl.constexpr,
     DOT_FP32: tl.constexpr,
@@ -278,9 +322,16 @@ def _dlogits_kernel(
         inv_temp,
         inv_temp_ptr,
         softcap,
+        ha_ptr,
+        lb_ptr,
+        R,
+        stride_lbv,
+        stride_lbr,
         HAS_BIAS,
         HAS_SOFTCAP,
         PER_ROW_TEMP,
+        HAS_LORA,
+        R_PAD,
         DOT_FP32,
         DOT_IEEE,
         EVEN_K,
@@ -321,11 +372,29 @@ def _temperature_args(inv_temperature, hidden: torch.Tensor) -> tuple[float, tor
     return float(inv_temperature), hidden
 
 
-def _flags(hidden: torch.Tensor, bias, softcap, inv_temperature, cfg: TileConfig, interpret: bool) -> dict:
+def _lora_args(lora_ha, lora_b, hidden: torch.Tensor) -> tuple:
+    """(hA pointer, B pointer, R, B's strides): dummies (never read) without an adapter."""
+    if lora_ha is None:
+        return hidden, hidden, 1, 0, 0
+    return lora_ha.contiguous(), lora_b, lora_b.shape[1], lora_b.stride(0), lora_b.stride(1)
+
+
+def _lora_pad(lora_ha) -> int:
+    """R_PAD: the rank padded to a power of two >= 16 (the smallest dot width)."""
+    if lora_ha is None:
+        return 16
+    return max(16, triton.next_power_of_2(lora_ha.shape[1]))
+
+
+def _flags(
+    hidden: torch.Tensor, bias, softcap, inv_temperature, lora_ha, cfg: TileConfig, interpret: bool
+) -> dict:
     return dict(
         HAS_BIAS=bias is not None,
         HAS_SOFTCAP=softcap is not None,
         PER_ROW_TEMP=isinstance(inv_temperature, torch.Tensor),
+        HAS_LORA=lora_ha is not None,
+        R_PAD=_lora_pad(lora_ha),
         DOT_FP32=interpret and hidden.dtype != torch.float32,
         DOT_IEEE=(not interpret) and hidden.dtype == torch.float32,
         EVEN_K=hidden.shape[1] % cfg.BLOCK_K == 0,
@@ -346,17 +415,21 @@ def forward(
     softcap: float | None,
     moments: bool,
     interpret: bool,
+    lora_ha: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
     config: TileConfig | None = None,
 ) -> torch.Tensor:
     """Online-softmax partials [stats, splits, N] (m, S, Sd, z_y[, S2, S2d]) of rows with targets in [0, V).
 
     inv_temperature: 1 / T, a float or a per-row [N] tensor (one value per row of hidden).
+    lora_ha, lora_b: a LoRA adapter on the head, as hA = scale h A^T (fp32 [N, r]) and B [V, r], or None.
     `fused_rlvr._partials.reduce_partials` merges the splits and `finalize` turns them into lp/entropy/lse.
     """
     N, H = hidden.shape
     V = weight.shape[0]
     targets, bias = _dense(targets), _dense(bias)
     inv_scalar, inv_ptr = _temperature_args(inv_temperature, hidden)
+    ha_ptr, lb_ptr, rank, stride_lbv, stride_lbr = _lora_args(lora_ha, lora_b, hidden)
 
     def launch(cfg: TileConfig) -> torch.Tensor:
         n_tiles = triton.cdiv(N, cfg.BLOCK_N)
@@ -386,9 +459,14 @@ def forward(
             inv_scalar,
             inv_ptr,
             float(softcap or 1.0),
+            ha_ptr,
+            lb_ptr,
+            rank,
+            stride_lbv,
+            stride_lbr,
             MOMENTS=moments,
             FLATTEN=cfg.FLATTEN,
-            **_flags(hidden, bias, softcap, inv_temperature, cfg, interpret),
+            **_flags(hidden, bias, softcap, inv_temperature, lora_ha, cfg, interpret),
             **({} if interpret else cfg.as_launch()),
         )
         return part
@@ -404,6 +482,7 @@ def forward(
             softcap is not None,
             moments,
             isinstance(inv_temperature, torch.Tensor),
+            _lora_pad(lora_ha) if lora_ha is not None else 0,
         )
         config = _choose(key, configs.FWD_GPU, configs.FWD_CANDIDATES, launch, interpret)
     return launch(config)
@@ -446,15 +525,21 @@ def dlogits(
     inv_temperature: float | torch.Tensor,
     softcap: float | None,
     interpret: bool,
+    lora_ha: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
     config: TileConfig | None = None,
 ) -> torch.Tensor:
-    """Write d(loss)/d(u) for vocab columns [v_start, v_start + out.shape[1]) of valid rows into out."""
+    """Write d(loss)/d(u) for vocab columns [v_start, v_start + out.shape[1]) of valid rows into out.
+
+    inv_temperature, lora_ha, lora_b: as in `forward`.
+    """
     N, H = hidden.shape
     V = weight.shape[0]
     chunk = out.shape[1]
     targets, bias, lse, entropy = _dense(targets), _dense(bias), _dense(lse), _dense(entropy)
     grad_logprob, grad_entropy = _dense(grad_logprob), _dense(grad_entropy)
     inv_scalar, inv_ptr = _temperature_args(inv_temperature, hidden)
+    ha_ptr, lb_ptr, rank, stride_lbv, stride_lbr = _lora_args(lora_ha, lora_b, hidden)
 
     def launch(cfg: TileConfig) -> torch.Tensor:
         grid = (triton.cdiv(N, cfg.BLOCK_N) * triton.cdiv(chunk, cfg.BLOCK_V),)
@@ -482,9 +567,14 @@ def dlogits(
             inv_scalar,
             inv_ptr,
             float(softcap or 1.0),
+            ha_ptr,
+            lb_ptr,
+            rank,
+            stride_lbv,
+            stride_lbr,
             HAS_GLP=grad_logprob is not None,
             HAS_GENT=grad_entropy is not None,
-            **_flags(hidden, bias, softcap, inv_temperature, cfg, interpret),
+            **_flags(hidden, bias, softcap, inv_temperature, lora_ha, cfg, interpret),
             **({} if interpret else cfg.as_launch()),
         )
         return out
@@ -501,6 +591,7 @@ def dlogits(
             grad_logprob is not None,
             grad_entropy is not None,
             isinstance(inv_temperature, torch.Tensor),
+            _lora_pad(lora_ha) if lora_ha is not None else 0,
         )
         config = _choose(key, configs.BWD_GPU, configs.BWD_CANDIDATES, launch, interpret)
     return launch(config)

@@ -52,6 +52,9 @@ def linear_logprobs_entropy(
     ignore_index: Optional[int] = None,
     backend: str = "auto",
     vocab_parallel: Optional[VocabParallel] = None,
+    lora_a: Optional[torch.Tensor] = None,
+    lora_b: Optional[torch.Tensor] = None,
+    lora_scale: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log_probs, entropy) of `labels` under `hidden_states @ weight.T / temperature`, without the logits.
 
@@ -67,7 +70,8 @@ def linear_logprobs_entropy(
     "mean"). Extras verl's call lacks: bias, softcap (Gemma-2), ignore_index (those labels give 0 and cost
     no vocabulary work) and a per-token temperature (a tensor shaped like labels). vocab_parallel: `weight`
     is this rank's vocabulary shard (a `fused_rlvr.VocabParallel`, see `fused_rlvr.linear_logprobs`); the
-    outputs are the full-vocabulary values on every rank.
+    outputs are the full-vocabulary values on every rank. lora_a [r, H], lora_b [V, r], lora_scale: a LoRA
+    adapter on the lm-head (logits + lora_scale (h A^T) B^T), as in `fused_rlvr.linear_logprobs`.
     """
     one_of("reduction", reduction, REDUCTIONS)
     ignore = IGNORE_INDEX if ignore_index is None else ignore_index
@@ -82,6 +86,9 @@ def linear_logprobs_entropy(
         return_entropy=True,
         backend=backend,
         vocab_parallel=vocab_parallel,
+        lora_a=lora_a,
+        lora_b=lora_b,
+        lora_scale=lora_scale,
     )
     if reduction == "none":
         return log_probs, entropy
@@ -98,6 +105,10 @@ def linear_cross_entropy(
     temperature: float | torch.Tensor = 1.0,
     reduction: str = "none",
     dist_process_group=None,
+    *,
+    lora_a: Optional[torch.Tensor] = None,
+    lora_b: Optional[torch.Tensor] = None,
+    lora_scale: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop-in for `verl.utils.kernel.linear_cross_entropy.linear_cross_entropy` (same positional order).
 
@@ -106,6 +117,8 @@ def linear_cross_entropy(
     The vocabulary-parallel op checks across ranks that the shards tile the vocabulary. As verl's own
     kernel, the hidden-state gradient is this rank's partial sum over its shard (verl's Megatron path sums
     it over the group in the backward of its sequence-parallel gather): no all-reduce happens here.
+    lora_a, lora_b, lora_scale: a LoRA adapter on the head (with dist_process_group: lora_b holds the
+    weight's rows, lora_a is replicated and gets its full gradient on every rank).
     """
     vp = None
     if dist_process_group is not None:
@@ -113,7 +126,17 @@ def linear_cross_entropy(
 
         start = dist.get_rank(dist_process_group) * weight.shape[0]
         vp = VocabParallel(dist_process_group, start, reduce_grad_hidden=False)
-    return linear_logprobs_entropy(hidden, weight, labels, temperature, reduction, vocab_parallel=vp)
+    return linear_logprobs_entropy(
+        hidden,
+        weight,
+        labels,
+        temperature,
+        reduction,
+        vocab_parallel=vp,
+        lora_a=lora_a,
+        lora_b=lora_b,
+        lora_scale=lora_scale,
+    )
 
 
 class FusedLinearForPPO(torch.nn.Module):
@@ -133,7 +156,19 @@ class FusedLinearForPPO(torch.nn.Module):
         vocab_weights: torch.Tensor,
         input_ids: torch.Tensor,
         temperature: float | torch.Tensor = 1.0,
+        *,
+        lora_a: Optional[torch.Tensor] = None,
+        lora_b: Optional[torch.Tensor] = None,
+        lora_scale: Optional[float] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log_probs, entropy) as `linear_logprobs_entropy`, with an optional LoRA adapter on the head."""
         return linear_logprobs_entropy(
-            hidden_states, vocab_weights, input_ids, temperature, backend=self.backend
+            hidden_states,
+            vocab_weights,
+            input_ids,
+            temperature,
+            backend=self.backend,
+            lora_a=lora_a,
+            lora_b=lora_b,
+            lora_scale=lora_scale,
         )
