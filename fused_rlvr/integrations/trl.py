@@ -25,8 +25,12 @@ Two levels, both tested against TRL's own trainer (tests/test_integrations_trl.p
 Differences from TRL, by design (from verl): the log-ratio lp - lp_old is clamped to +-20 before exp and the
 k3 KL to [-10, 10]; values agree whenever |lp - lp_old| <= 20 and k3 <= 10.
 
-Not supported (clear errors): a PEFT adapter on the lm-head, DeepSpeed ZeRO-3 (the fused backward re-reads the
-lm-head weight outside the module's gather hooks), models that rescale their logits (Cohere, Granite).
+A PEFT LoRA adapter on the lm-head (target_modules including "lm_head"), which TRL's own trainer refuses, is
+trained through the fused op (its A and B get their gradients from the op; lora_dropout must be 0 there).
+
+Not supported (clear errors): DoRA or other PEFT variants on the lm-head, several active adapters on it, an
+adapter on the head with cast_lm_head_to_fp32 (TRL's refusal), DeepSpeed ZeRO-3 (the fused backward re-reads
+the lm-head weight outside the module's gather hooks), models that rescale their logits (Cohere, Granite).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
+from dataclasses import replace
 from typing import Any, Optional
 
 import torch
@@ -47,7 +52,7 @@ except ImportError as err:  # pragma: no cover - exercised only without trl
     ) from err
 
 from fused_rlvr.grpo import linear_grpo_loss
-from fused_rlvr.integrations.hf import IGNORE_INDEX, _backbone, _match_head_dtype, lm_head, unwrap_model
+from fused_rlvr.integrations.hf import IGNORE_INDEX, _backbone, lm_head, unwrap_model
 from fused_rlvr.linear_logprobs import linear_logprobs
 
 SUPPORTED_OUTPUTS = ("log_probs", "entropy")
@@ -86,17 +91,21 @@ def _full(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def head_inputs(model, hidden: torch.Tensor, *, cast_lm_head_to_fp32: bool = False):
-    """(hidden, weight, bias, softcap, autocast-off context): the fused op's inputs for a model's head."""
+    """(hidden, weight, head_kwargs, autocast-off context): the fused op's inputs for a model's head.
+
+    head_kwargs are `LMHead.op_kwargs()` (bias, softcap and a PEFT LoRA adapter's lora_a, lora_b,
+    lora_scale), to pass to the op or a loss as keywords; FSDP2-sharded tensors are gathered, and hidden and
+    the head are cast as the model's own head computes (`LMHead.cast`).
+    """
     head = lm_head(model)
-    weight, bias = _full(head.weight), _full(head.bias)
-    if cast_lm_head_to_fp32:
-        hidden, weight = hidden.to(weight.device, torch.float32), weight.float()
-        bias = None if bias is None else bias.float()
-    else:
-        hidden, weight, bias = _match_head_dtype(hidden, weight, bias)
+    lora = head.lora
+    if lora is not None:
+        lora = replace(lora, a=_full(lora.a), b=_full(lora.b))
+    head = replace(head, weight=_full(head.weight), bias=_full(head.bias), lora=lora)
+    hidden, head = head.cast(hidden, fp32=cast_lm_head_to_fp32)
     dev = hidden.device.type
     ctx = torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext()
-    return hidden, weight, bias, head.softcap, ctx
+    return hidden, head.weight, head.op_kwargs(), ctx
 
 
 def _router_aux_loss(model, backbone_outputs, attention_mask):
@@ -176,7 +185,7 @@ def add_fused_lm_head(
             hidden, targets = backbone_outputs.last_hidden_state[:, :-1], labels[:, 1:]
         else:
             hidden, targets = backbone_outputs.last_hidden_state, shift_labels
-        hidden, weight, bias, softcap, ctx = head_inputs(
+        hidden, weight, head_kwargs, ctx = head_inputs(
             self, hidden, cast_lm_head_to_fp32=cast_lm_head_to_fp32
         )
         targets = targets.to(weight.device)
@@ -185,12 +194,11 @@ def add_fused_lm_head(
                 hidden,
                 weight,
                 targets,
-                bias=bias,
-                softcap=softcap,
                 temperature=default_temperature if temperature is None else temperature,
                 ignore_index=IGNORE_INDEX,
                 return_entropy=want_entropy,
                 backend=backend,
+                **head_kwargs,
             )
         mask = targets != IGNORE_INDEX
         denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
@@ -206,6 +214,33 @@ def add_fused_lm_head(
     model.forward = types.MethodType(_fused_forward, model)
 
 
+class _NoLayer:
+    """A class no module is an instance of."""
+
+
+@contextlib.contextmanager
+def _peft_lm_head_allowed(trainer_args):
+    """Lift GRPOTrainer.__init__'s refusal of a PEFT adapter on the lm-head while it runs.
+
+    TRL refuses it because its own fused head reads lm_head.weight and would ignore (and never train) the
+    adapter; this trainer's head reads the adapter into the fused op (`fused_rlvr.integrations.hf.lm_head`,
+    which refuses what it cannot express). TRL tests `isinstance(head, BaseTunerLayer)` for the refusal, so
+    that name of its module is swapped for the duration. Not with cast_lm_head_to_fp32, which TRL's same
+    test guards (it cannot cast an adapter layer): TRL's error then stands.
+    """
+    import trl.trainer.grpo_trainer as grpo_module
+
+    if getattr(trainer_args, "cast_lm_head_to_fp32", False) or not hasattr(grpo_module, "BaseTunerLayer"):
+        yield
+        return
+    original = grpo_module.BaseTunerLayer
+    grpo_module.BaseTunerLayer = _NoLayer
+    try:
+        yield
+    finally:
+        grpo_module.BaseTunerLayer = original
+
+
 class FusedGRPOTrainer(GRPOTrainer):
     """TRL's GRPOTrainer whose log-probs, entropies and loss come from fused_rlvr (no logits anywhere).
 
@@ -218,7 +253,9 @@ class FusedGRPOTrainer(GRPOTrainer):
     """
 
     def __init__(self, *args, fused_backend: str = "auto", fused_loss: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
+        trainer_args = kwargs.get("args", args[2] if len(args) > 2 else None)
+        with _peft_lm_head_allowed(trainer_args):
+            super().__init__(*args, **kwargs)
         self.fused_backend = fused_backend
         self.fused_loss = fused_loss
         cast = self.args.cast_lm_head_to_fp32
@@ -301,7 +338,7 @@ class FusedGRPOTrainer(GRPOTrainer):
         with self.accelerator.autocast():
             out = model(input_ids=input_ids, attention_mask=attention_mask, fused_lm_head="hidden")
         hidden = out.last_hidden_state[:, -n_completion - 1 : -1]  # position t scores completion token t
-        hidden, weight, bias, softcap, ctx = head_inputs(
+        hidden, weight, head_kwargs, ctx = head_inputs(
             unwrap_model(self.accelerator.unwrap_model(model)),
             hidden,
             cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32,
@@ -331,11 +368,10 @@ class FusedGRPOTrainer(GRPOTrainer):
                 agg=self.loss_type,
                 entropy_coef=entropy_coef,
                 temperature=self.temperature,
-                bias=bias,
-                softcap=softcap,
                 backend=self.fused_backend,
                 normalizer=divisor,
                 max_len=self.max_completion_length,
+                **head_kwargs,  # bias, softcap, a LoRA adapter on the head (LMHead.op_kwargs)
             )
         self._log_fused_metrics(mode, stats, mask)
         return loss
