@@ -13,11 +13,10 @@ import os
 import torch
 
 from fused_rlvr._partials import STATS_BASIC, STATS_MOMENTS, finalize, reduce_partials
+from fused_rlvr.kernels.configs import LOGP_FLOOR, MAX_FLOOR
 
 MAX_ROWS = 4096
 MIN_CHUNK = 64
-_FLOOR = torch.finfo(torch.float32).min
-_LOGP_FLOOR = -200.0  # exp(x) is exactly 0 in fp32 below about -103.3
 
 
 def _chunk_bytes() -> int:
@@ -95,8 +94,8 @@ def forward_partials(hidden, weight, bias, targets, params) -> torch.Tensor:
             zy = z.gather(1, y.clamp(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1)
             # -inf logits (masked vocabulary entries) add 0 to every sum: the max is floored at -FLT_MAX and
             # d = z - m at -FLT_MAX, so exp(d) = 0 and d exp(d) = 0 (never -inf * 0)
-            m = z.max(dim=1).values.clamp_min_(_FLOOR)
-            d = z.sub_(m.unsqueeze(1)).clamp_min_(_FLOOR)
+            m = z.max(dim=1).values.clamp_min_(MAX_FLOOR)
+            d = z.sub_(m.unsqueeze(1)).clamp_min_(MAX_FLOOR)
             e = d.exp()  # two [rows, chunk] buffers: d and e; the products below reuse them in place
             piece[0, r0:r1], piece[1, r0:r1], piece[3, r0:r1] = m, e.sum(1), torch.where(inside, zy, 0.0)
             de = d.mul_(e)
@@ -150,9 +149,9 @@ def backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_ent
             scale = -inv.unsqueeze(1) if isinstance(inv, torch.Tensor) else -inv
             p = logp.exp() if grad_entropy is not None else logp.exp_()
             if grad_entropy is not None:
-                # p (log p + H) with log p floored at -200, where p is already exactly 0 in fp32: -inf
-                # logits give 0, not 0 * inf
-                logp.clamp_min_(_LOGP_FLOOR)
+                # p (log p + H) with log p floored (configs.LOGP_FLOOR), where p is already exactly 0 in
+                # fp32: -inf logits give 0, not 0 * inf
+                logp.clamp_min_(LOGP_FLOOR)
                 coef = logp.add_(entropy[r0:r1].unsqueeze(1)).mul_(scale * grad_entropy[r0:r1].unsqueeze(1))
                 if grad_logprob is not None:
                     coef.add_(scale * grad_logprob[r0:r1].unsqueeze(1))

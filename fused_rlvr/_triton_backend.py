@@ -114,7 +114,12 @@ def backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_ent
         if need_db:
             db[v0:v1] = du.sum(0, dtype=torch.float32)
         if dlb is not None:
-            dlb[v0:v1] = torch.mm(du.T, ha_staged)
+            if dlb.dtype == du.dtype:
+                torch.mm(du.T, ha_staged, out=dlb[v0:v1])
+            else:  # e.g. PEFT's fp32 adapter on a bf16 model: accumulate and keep dB in fp32
+                acc = torch.zeros((v1 - v0, lora.rank), dtype=torch.float32, device=hidden.device)
+                _accumulate_mm(acc, du.T, ha_staged)
+                dlb[v0:v1] = acc
         if g is not None:
             _accumulate_mm(g, du, lora.b[v0:v1].to(du.dtype))
     da = None

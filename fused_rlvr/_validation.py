@@ -9,6 +9,8 @@ from numbers import Real
 
 import torch
 
+from fused_rlvr.lora import LoRA
+
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BACKENDS = ("auto", "triton", "torch")
 
@@ -218,14 +220,12 @@ def check_temperature(temperature, targets: torch.Tensor, ignore_index: int, dev
     return temperature
 
 
-def check_lora(lora_a, lora_b, lora_scale, hidden: torch.Tensor, weight: torch.Tensor):
+def check_lora(lora_a, lora_b, lora_scale, hidden: torch.Tensor, weight: torch.Tensor) -> LoRA | None:
     """A `fused_rlvr.lora.LoRA` from the public lora_a [r, H], lora_b [V, r], lora_scale, or None.
 
     Both factors or neither; floating point, one dtype, on hidden's device, plain tensors; r >= 1, H as
     hidden's width, V as weight's rows; lora_scale finite (1.0 when not given), only with the factors.
     """
-    from fused_rlvr.lora import LoRA
-
     if lora_a is None and lora_b is None:
         if lora_scale is not None:
             raise ValueError("lora_scale is given without lora_a and lora_b (the adapter's factors)")

@@ -2,6 +2,9 @@
 
 Math (per row n; all statistics in fp32). With u = h W^T + b, the logits are
     z = softcap(u) / T,  softcap(u) = s * tanh(u / s)  (identity without softcap),
+T a scalar or, behind PER_ROW_TEMP, one value per row (its inverse loaded once per row tile); behind
+HAS_LORA, u also holds a LoRA adapter's rank-r term hA B^T, hA = scale h A^T precomputed per row ([N, r] fp32),
+added to each [BLOCK_N, BLOCK_V] tile by one extra dot (no merged W + scale B A).
     lse = logsumexp(z),  p = softmax(z),  lp = z_y - lse,  H = -sum p log p.
 
 Forward (`forward`): one pass over vocabulary tiles with an online softmax, relative to the running max m:
@@ -35,6 +38,9 @@ import triton.language as tl
 
 from fused_rlvr.kernels import configs
 from fused_rlvr.kernels.configs import TileConfig
+
+MAX_FLOOR = tl.constexpr(configs.MAX_FLOOR)
+LOGP_FLOOR = tl.constexpr(configs.LOGP_FLOOR)
 
 
 @triton.jit
@@ -230,9 +236,9 @@ def _fwd_kernel(
         )
         z = tl.where(mask_v[None, :], z, float("-inf"))  # vocab tail: -inf, never 0
         zy += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
-        # the max stays finite (floored at -FLT_MAX) when every logit of a row so far is -inf (masked
-        # vocabulary entries, a -inf bias): exp(z - m) is then 0, never exp(-inf + inf)
-        m_new = tl.maximum(tl.maximum(m, tl.max(z, axis=1)), -3.4028234663852886e38)
+        # the max stays finite (floored at -FLT_MAX, configs.MAX_FLOOR) when every logit of a row so far is
+        # -inf (masked vocabulary entries, a -inf bias): exp(z - m) is then 0, never exp(-inf + inf)
+        m_new = tl.maximum(tl.maximum(m, tl.max(z, axis=1)), MAX_FLOOR)
         alpha = tl.exp(m - m_new)
         shift = tl.where(s > 0, m - m_new, 0.0)  # rescale Sd from the old max to the new one
         d = tl.where(z > float("-inf"), z - m_new[:, None], 0.0)  # 0 log 0 = 0 at -inf logits
@@ -350,8 +356,8 @@ def _dlogits_kernel(
     if HAS_GENT:
         c = tl.load(gent_ptr + rows)
         ent = tl.load(ent_ptr + rows)
-        # log p floored at -200 (p is exactly 0 below -103.3 in fp32): 0, not 0 * inf, at -inf logits
-        dz -= c[:, None] * p * (tl.maximum(logp, -200.0) + ent[:, None])
+        # log p floored (configs.LOGP_FLOOR; p is already 0 there): 0, not 0 * inf, at -inf logits
+        dz -= c[:, None] * p * (tl.maximum(logp, LOGP_FLOOR) + ent[:, None])
     du = dz * inv_t
     if HAS_SOFTCAP:
         du = du * (1.0 - t * t)

@@ -68,11 +68,13 @@ def test_fp32_matches_float64(backend, opts):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_batch_dims_and_strided_temperature(backend):
     h, w, y, b = make_inputs(24, 20, 50, torch.float32, seed=8, bias=True, ignore_frac=0.2, lead=(4, 6))
-    t = _temps((6, 4)).T  # a transposed view shaped like targets
     g_lp, g_ent = _grads((4, 6))
-    out = run(fused, h, w, y, b, g_lp, g_ent, backend=backend, temperature=t, softcap=5.0)
-    ref = ground_truth(h, w, y, b, g_lp, g_ent, temperature=t.contiguous().double(), softcap=5.0)
-    check_fp32(out, ref)
+    transposed = _temps((6, 4)).T  # a transposed view shaped like targets
+    expanded = _temps((1, 6)).expand(4, 6)  # stride 0 over the batch
+    for t in (transposed, expanded):
+        out = run(fused, h, w, y, b, g_lp, g_ent, backend=backend, temperature=t, softcap=5.0)
+        ref = ground_truth(h, w, y, b, g_lp, g_ent, temperature=t.contiguous().double(), softcap=5.0)
+        check_fp32(out, ref)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
