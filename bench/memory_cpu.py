@@ -41,7 +41,7 @@ def worker(provider: str, model: str, tokens: int, dtype: str, op: str) -> dict:
     gc.collect()
     with PeakRSS() as mem:
         prob.step(provider).backward()
-    grads = sum(t.grad.numel() * t.grad.element_size() for t in prob.grads())
+    grads = sum(t.grad.numel() * t.grad.element_size() for t in prob.grads(provider))
     logits_fp32 = prob.n_tokens * shape.vocab * 4
     return dict(
         provider=provider,
@@ -95,7 +95,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=CPU_MEMORY_TARGET[0], choices=sorted(MODELS))
     ap.add_argument("--tokens", type=int, default=CPU_MEMORY_TARGET[1])
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    ap.add_argument("--op", default="logprob_entropy", choices=["logprob", "logprob_entropy", "grpo", "pacs"])
+    from bench.ops import OPS
+
+    ap.add_argument("--op", default="logprob_entropy", choices=list(OPS))
     ap.add_argument("--providers", nargs="+", default=["torch", "fused-rlvr"])
     ap.add_argument("--csv", default=None, help="write rows to this CSV (bench.harness format)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)

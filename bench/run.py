@@ -4,7 +4,8 @@
     python -m bench.run --device cuda --out $OUT                   # ~3 min on an H100
 
 Sections (--sections):
-  target   each op (logprob, logprob_entropy, grpo, pacs) x provider at the device's target shape
+  target   each op (logprob, logprob_entropy, grpo, pacs, and the per-token temperature and LoRA variants of
+           logprob_entropy: see bench.ops) x provider at the device's target shape
            (GPU: N=8192, H=4096, V=151936, bf16; CPU: N=1024, H=896, V=151936, fp32): modes fwd+bwd and
            fwd for every provider, plus bwd and no-grad for ours; 1/8 of each sequence is a masked prompt
            (as in RL: those rows are not scored); peak extra memory (CUDA allocator, or a fresh process's
@@ -62,9 +63,9 @@ class Bench:
 
             def full():
                 loss = prob.step(provider)
-                return torch.autograd.grad(loss, prob.grads())
+                return torch.autograd.grad(loss, prob.grads(provider))
 
-            grads = sum(t.numel() * t.element_size() for t in prob.grads())
+            grads = sum(t.numel() * t.element_size() for t in prob.grads(provider))
             return float(cuda_peak_extra(full, "cuda") - grads)
         from bench.memory_cpu import measure
 
@@ -115,14 +116,14 @@ class Bench:
             return None
 
         def full():
-            return torch.autograd.grad(prob.step(provider), prob.grads())
+            return torch.autograd.grad(prob.step(provider), prob.grads(provider))
 
         retained = {}
 
         def bwd():
             if "loss" not in retained:
                 retained["loss"] = prob.step(provider)
-            return torch.autograd.grad(retained["loss"], prob.grads(), retain_graph=True)
+            return torch.autograd.grad(retained["loss"], prob.grads(provider), retain_graph=True)
 
         for mode in modes:
             fn = {
@@ -204,6 +205,7 @@ class Bench:
                     if floor:
                         r["x_floor"] = r["fwd+bwd"] / floor
                     self.summary["results"][f"{op}/{provider}"] = r
+        self.summary["variants"] = variant_costs(self.summary["results"])
 
     def scaling(self):
         model, n = GPU_TARGET if self.cuda else CPU_TARGET
@@ -251,6 +253,28 @@ class Bench:
             json.dump(self.summary, f, indent=1)
 
 
+def variant_costs(results: dict) -> dict:
+    """Ratios of the variant rows of one run: per-token vs float temperature, LoRA vs the alternatives."""
+    out = {}
+
+    def ratio(key, a, b, mode):
+        ra, rb = results.get(a, {}).get(mode), results.get(b, {}).get(mode)
+        if ra and rb:
+            out[f"{key} ({mode})"] = ra / rb
+
+    for mode in ("fwd+bwd", "fwd"):
+        ratio(
+            "per-token / float temperature",
+            "temperature/fused-rlvr-token-temperature",
+            "temperature/fused-rlvr",
+            mode,
+        )
+        ratio("fused LoRA / same op without adapter", "lora/fused-rlvr", "lora/fused-rlvr-no-adapter", mode)
+        ratio("fused LoRA / op on merged W + s B A", "lora/fused-rlvr", "lora/fused-rlvr-merged-weight", mode)
+        ratio("fused LoRA / torch (PEFT, materialised)", "lora/fused-rlvr", "lora/torch", mode)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -290,6 +314,8 @@ def print_summary(summary):
         frac = r.get("added_over_fp32_logits")
         mem = f"  added mem {frac:.2%} of fp32 logits" if frac is not None else ""
         print(f"  {key:34s} fwd+bwd {r['fwd+bwd']:9.1f} ms{vs}{floor}{mem}")
+    for key, value in summary.get("variants", {}).items():
+        print(f"  {key:60s} {value:6.3f}x")
     for key, why in summary.get("not_supported", {}).items():
         print(f"  {key:34s} not supported: {why}")
     for key in summary.get("errors", {}):
