@@ -518,3 +518,24 @@ def test_verl_entry_points(backend):
         FusedLinearForPPO(backend=backend)(hidden, weight, targets, 0.7, **lora),
     ):
         assert rel_err(lp, want_lp) < 1e-6 and rel_err(ent, want_ent) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_compiled_kernels(dtype):
+    """The compiled kernels (HAS_LORA, PER_ROW_TEMP) at a GPU shape, PEFT's fp32 adapter on the 16-bit head."""
+    lora_dtype = torch.float32
+    h, w, y, bb, a, b = _problem(
+        1000, 512, 5003, 16, dtype, seed=21, bias=True, ignore_frac=0.1, lora_dtype=lora_dtype
+    )
+    temp = 0.5 + torch.rand(1000, generator=torch.Generator().manual_seed(22))
+    h, w, y, bb, a, b, temp = (t.cuda() for t in (h, w, y, bb, a, b, temp))
+    g_lp, g_ent = (t.cuda() for t in _grads(1000))
+    kw = dict(softcap=30.0, temperature=temp)
+    out = _run(linear_logprobs, h, w, y, bb, a, b, 2.0, g_lp, g_ent, backend="triton", **kw)
+    ref = _truth(h, w, y, bb, a, b, 2.0, g_lp, g_ent, **kw)
+    if dtype == torch.float32:
+        _check(out, ref)
+    else:
+        nv = _run(unmerged_naive, h, w, y, bb, a.to(dtype), b.to(dtype), 2.0, g_lp, g_ent, **kw)
+        check_cce_rule(out, ref, nv, rel_tol=2**-7, names=NAMES)

@@ -366,3 +366,18 @@ def test_verl_entry_points(backend):
         FusedLinearForPPO(backend=backend)(hidden, weight, targets, temp),
     ):
         assert rel_err(lp, want_lp) < 1e-6 and rel_err(ent, want_ent) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_compiled_kernels(dtype):
+    h, w, y, b = make_inputs(1000, 512, 5003, dtype, seed=12, bias=True, ignore_frac=0.1)
+    t = _temps(1000, seed=13)
+    h, w, y, b, t = (x.cuda() for x in (h, w, y, b, t))
+    g_lp, g_ent = (x.cuda() for x in _grads(1000))
+    out = run(fused, h, w, y, b, g_lp, g_ent, backend="triton", softcap=30.0, temperature=t)
+    ref = ground_truth(h, w, y, b, g_lp, g_ent, softcap=30.0, temperature=t.double())
+    if dtype == torch.float32:
+        check_fp32(out, ref)
+    else:
+        check_cce_rule(out, ref, naive(h, w, y, b, g_lp, g_ent, softcap=30.0, temperature=t), rel_tol=2**-7)
