@@ -12,6 +12,10 @@ Sections (--sections):
            peak RSS on CPU); the bare lm-head GEMM forward+backward of the same shape (the floor).
   scaling  log-prob+entropy, ours vs plain torch: time and memory against tokens, and against the
            vocabularies of real models.
+  paired   the variant ops' cost ratios (per-token / float temperature; fused LoRA / the same op without
+           the adapter, / the op on a merged W + s B A, / PEFT on materialised logits) at the target shape,
+           timed in interleaved rounds (every provider once per round, in rotated order) so that a load
+           change on a shared machine hits both sides of a ratio: median and p20/p80 of the per-round ratios.
 Rows go to results.csv (bench.harness format: ratios are derived from rows of the same run); `python -m
 bench.plot DIR` draws them. Timings are medians with p20/p80; on CPU compare ratios, not absolute times.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -207,6 +212,53 @@ class Bench:
                     self.summary["results"][f"{op}/{provider}"] = r
         self.summary["variants"] = variant_costs(self.summary["results"])
 
+    def paired(self, rounds: int):
+        model, n = GPU_TARGET if self.cuda else CPU_TARGET
+        shape = MODELS[model]
+        out = self.summary.setdefault("paired", {})
+        for op in ("temperature", "lora"):
+            providers = OP_PROVIDERS[op]
+            prob = Problem(op, shape, n, self.dtype, self.device)
+
+            def full(provider, prob=prob):
+                return torch.autograd.grad(prob.step(provider), prob.grads(provider))
+
+            for provider in providers:  # warm-up (compilation, allocator)
+                full(provider)
+            times = {provider: [] for provider in providers}
+            for r in range(rounds):
+                order = providers[r % len(providers) :] + providers[: r % len(providers)]
+                for provider in order:
+                    if self.cuda:
+                        t = time_fn(lambda p=provider: full(p), "cuda", budget_ms=self.budget).median_ms
+                    else:
+                        t = time_fn(lambda p=provider: full(p), "cpu", warmup=0, rep=1).median_ms
+                    times[provider].append(t)
+            tag = f"N={prob.n_tokens},H={shape.hidden},V={shape.vocab}"
+            for key, num, den in PAIRED_RATIOS:
+                if num not in times or den not in times or not key.startswith(op):
+                    continue
+                ratios = sorted(a / b for a, b in zip(times[num], times[den]))
+                q = statistics.quantiles(ratios, n=5, method="inclusive") if len(ratios) > 1 else ratios * 4
+                out[key] = dict(median=statistics.median(ratios), p20=q[0], p80=q[3], rounds=len(ratios))
+                for metric, value in (
+                    ("ratio_median", out[key]["median"]),
+                    ("ratio_p20", q[0]),
+                    ("ratio_p80", q[3]),
+                ):
+                    self.rec.add(
+                        op,
+                        f"{num} / {den}",
+                        "fwd+bwd",
+                        metric,
+                        value,
+                        x_name="model",
+                        x=shape.name,
+                        shape=tag,
+                        dtype=str(self.dtype),
+                    )
+            self.write()
+
     def scaling(self):
         model, n = GPU_TARGET if self.cuda else CPU_TARGET
         grid = GPU_TOKEN_GRID if self.cuda else CPU_TOKEN_GRID
@@ -253,6 +305,14 @@ class Bench:
             json.dump(self.summary, f, indent=1)
 
 
+PAIRED_RATIOS = (  # (name, numerator provider, denominator provider); the name starts with the op
+    ("temperature: per-token / float", "fused-rlvr-token-temperature", "fused-rlvr"),
+    ("lora: fused / same op without adapter", "fused-rlvr", "fused-rlvr-no-adapter"),
+    ("lora: fused / op on merged W + s B A", "fused-rlvr", "fused-rlvr-merged-weight"),
+    ("lora: fused / torch (PEFT, materialised)", "fused-rlvr", "torch"),
+)
+
+
 def variant_costs(results: dict) -> dict:
     """Ratios of the variant rows of one run: per-token vs float temperature, LoRA vs the alternatives."""
     out = {}
@@ -281,7 +341,10 @@ def main(argv=None) -> int:
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"]
     )
     ap.add_argument("--out", default=None)
-    ap.add_argument("--sections", nargs="+", default=["target", "scaling"], choices=["target", "scaling"])
+    ap.add_argument(
+        "--sections", nargs="+", default=["target", "scaling"], choices=["target", "scaling", "paired"]
+    )
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of the paired section")
     ap.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and grid points")
     args = ap.parse_args(argv)
@@ -292,6 +355,8 @@ def main(argv=None) -> int:
     if "target" in args.sections:
         b.target(args.ops)
         b.write()
+    if "paired" in args.sections:
+        b.guarded("paired", b.paired, args.rounds)
     if "scaling" in args.sections:
         b.scaling()
     b.summary["wall_s"] = time.time() - t0
@@ -316,6 +381,10 @@ def print_summary(summary):
         print(f"  {key:34s} fwd+bwd {r['fwd+bwd']:9.1f} ms{vs}{floor}{mem}")
     for key, value in summary.get("variants", {}).items():
         print(f"  {key:60s} {value:6.3f}x")
+    for key, r in summary.get("paired", {}).items():
+        print(
+            f"  {key:60s} {r['median']:6.3f}x  (p20 {r['p20']:.3f}, p80 {r['p80']:.3f}, {r['rounds']} rounds)"
+        )
     for key, why in summary.get("not_supported", {}).items():
         print(f"  {key:34s} not supported: {why}")
     for key in summary.get("errors", {}):
