@@ -16,6 +16,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.2"],
         # trl (which brings transformers, accelerate, datasets) so CI runs tests/test_integrations_{hf,trl}.py
+        # and peft for their LoRA-on-the-lm-head tests
         "test": [
             "pytest>=8",
             "hypothesis>=6.100",
@@ -24,6 +25,7 @@ setup(
             "psutil",
             "ruff",
             "trl>=1.16,<1.17",
+            "peft>=0.17",
             "math-verify[antlr4_13_2]",
             "tqdm",
             "matplotlib",

@@ -41,7 +41,7 @@ def worker(provider: str, model: str, tokens: int, dtype: str, op: str) -> dict:
     gc.collect()
     with PeakRSS() as mem:
         prob.step(provider).backward()
-    grads = sum(t.grad.numel() * t.grad.element_size() for t in prob.grads())
+    grads = sum(t.grad.numel() * t.grad.element_size() for t in prob.grads(provider))
     logits_fp32 = prob.n_tokens * shape.vocab * 4
     return dict(
         provider=provider,

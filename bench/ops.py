@@ -3,8 +3,15 @@
 ops: "logprob" (per-token log-probs), "logprob_entropy" (log-probs + entropy), "grpo" (the GRPO loss,
 TRL's dapo aggregation, k3 KL with beta 0.04, clip 0.2/0.28), its variants GRPO_VARIANTS (the same loss with
 one option changed: policy_loss "cispo" / "sapo", token pg_weights, the ratio-weighted KL), "pacs" (the PACS
-loss, groups of 8). A step returns a scalar to backpropagate (for the per-token ops: a random weighting of
-the outputs).
+loss, groups of 8), and two variants of log-probs + entropy timed against the plain op in the same run:
+  "temperature"  temperature 0.7 as a float ("fused-rlvr") vs a per-token tensor of about 0.7
+                 ("fused-rlvr-token-temperature"), and plain torch with the per-token divisor;
+  "lora"         a rank-16 LoRA adapter on a frozen lm-head (gradients: hidden, A, B), as PEFT trains it:
+                 fused ("fused-rlvr"), the same op without the adapter ("fused-rlvr-no-adapter": the cost
+                 the adapter adds), the op on the materialised W + s B A ("fused-rlvr-merged-weight") and
+                 PEFT's arithmetic on materialised logits ("torch").
+A step returns a scalar to backpropagate (for the per-token ops: a random weighting of the outputs);
+`grads(provider)` are the tensors it is differentiated against.
 """
 
 from __future__ import annotations
@@ -21,16 +28,20 @@ GRPO_VARIANTS = {
     "grpo_pg_weights": dict(pg_weights="token"),
     "grpo_kl_ratio": dict(kl_ratio_weighted=True),
 }
-OPS = ("logprob", "logprob_entropy", "grpo", *GRPO_VARIANTS, "pacs")
+OPS = ("logprob", "logprob_entropy", "grpo", *GRPO_VARIANTS, "pacs", "temperature", "lora")
 OP_PROVIDERS = {
     "logprob": ("fused-rlvr", "torch", "torch-compile-chunked", "liger", "cce"),
     "logprob_entropy": ("fused-rlvr", "torch", "torch-compile-chunked"),
     "grpo": ("fused-rlvr", "torch", "liger"),
     **{name: ("fused-rlvr", "torch") for name in GRPO_VARIANTS},
     "pacs": ("fused-rlvr", "torch"),
+    "temperature": ("fused-rlvr", "fused-rlvr-token-temperature", "torch"),
+    "lora": ("fused-rlvr", "fused-rlvr-no-adapter", "fused-rlvr-merged-weight", "torch"),
 }
 GRPO_BASE = dict(beta=0.04, eps_low=0.2, eps_high=0.28, kl="k3")
 GROUP = 8
+TEMPERATURE = 0.7
+LORA_RANK, LORA_SCALE = 16, 2.0  # PEFT's r=16, lora_alpha=32
 
 
 class Problem:
@@ -64,12 +75,27 @@ class Problem:
         self.groups = torch.arange(b, device=device) // GROUP
         # rollout-engine mismatch weights, as fused_rlvr.rollout_correction's token_truncate gives them
         self.pg_weights = torch.exp(0.05 * torch.randn(b, t, generator=g, device=device)).clamp(max=2.0)
+        if op == "temperature":  # per-token temperatures around the float's value
+            self.token_temperature = TEMPERATURE * (0.9 + 0.2 * torch.rand(b, t, generator=g, device=device))
+        if op == "lora":  # a frozen head with a trained adapter (B non-zero, as after some training)
+            self.weight.requires_grad_(False)
+            a = torch.randn(LORA_RANK, shape.hidden, generator=g, device=device) / shape.hidden**0.5
+            bb = torch.randn(shape.vocab, LORA_RANK, generator=g, device=device) * 0.1
+            self.lora_a = a.to(dtype).requires_grad_()
+            self.lora_b = bb.to(dtype).requires_grad_()
 
     @property
     def n_tokens(self) -> int:
         return self.b * self.t
 
-    def grads(self):
+    def grads(self, provider: str = "fused-rlvr"):
+        """The tensors a step of `provider` is differentiated against."""
+        if self.op == "lora":
+            return (
+                (self.hidden,)
+                if provider == "fused-rlvr-no-adapter"
+                else (self.hidden, self.lora_a, self.lora_b)
+            )
         return self.hidden, self.weight
 
     def step(self, provider: str, grad: bool = True) -> torch.Tensor:
@@ -79,6 +105,8 @@ class Problem:
             "grpo": self._grpo,
             **{name: self._grpo for name in GRPO_VARIANTS},
             "pacs": self._pacs,
+            "temperature": self._temperature,
+            "lora": self._lora,
         }[self.op]
         if grad:
             return fn(provider)
@@ -99,6 +127,48 @@ class Problem:
         if kw.get("pg_weights") == "token":
             kw["pg_weights"] = self.pg_weights
         return kw
+
+    def _weighted(self, lp, ent):
+        return (lp * self.g_lp).sum() + (ent * self.g_ent).sum()
+
+    def _temperature(self, provider):
+        y = torch.where(self.mask, self.targets, -100)
+        if provider == "torch":  # materialised logits with a per-row divisor
+            from fused_rlvr.reference import reference_logprobs
+
+            lp, ent = reference_logprobs(self.hidden, self.weight, y, temperature=self.token_temperature)
+            return self._weighted(lp.float(), ent.float())
+        if provider not in ("fused-rlvr", "fused-rlvr-token-temperature"):
+            raise NotSupported(f"{provider} has no per-token temperature")
+        from fused_rlvr import linear_logprobs
+
+        temp = TEMPERATURE if provider == "fused-rlvr" else self.token_temperature
+        lp, ent = linear_logprobs(self.hidden, self.weight, y, temperature=temp)
+        return self._weighted(lp, ent)
+
+    def _lora(self, provider):
+        from fused_rlvr import linear_logprobs
+
+        y = torch.where(self.mask, self.targets, -100)
+        if provider == "fused-rlvr":
+            lp, ent = linear_logprobs(
+                self.hidden, self.weight, y, lora_a=self.lora_a, lora_b=self.lora_b, lora_scale=LORA_SCALE
+            )
+        elif provider == "fused-rlvr-no-adapter":
+            lp, ent = linear_logprobs(self.hidden, self.weight, y)
+        elif provider == "fused-rlvr-merged-weight":  # a [V, H] merged weight, then the fused op
+            merged = self.weight + LORA_SCALE * (self.lora_b @ self.lora_a)
+            lp, ent = linear_logprobs(self.hidden, merged, y)
+        elif provider == "torch":  # PEFT's arithmetic on materialised logits
+            from fused_rlvr.reference import reference_logprobs
+
+            ha = LORA_SCALE * (self.hidden @ self.lora_a.T)
+            h_cat = torch.cat([self.hidden, ha], -1)
+            lp, ent = reference_logprobs(h_cat, torch.cat([self.weight, self.lora_b], -1), y)
+            lp, ent = lp.float(), ent.float()
+        else:
+            raise NotSupported(f"{provider} has no LoRA head")
+        return self._weighted(lp, ent)
 
     def _grpo(self, provider):
         kw = self._grpo_options()

@@ -7,9 +7,10 @@
                                                                    # the GRPO variants against ppo
 
 Sections (--sections):
-  target   each op (logprob, logprob_entropy, grpo and its variants, pacs) x provider at the device's
-           target shape (GPU: N=8192, H=4096, V=151936, bf16; CPU: N=1024, H=896, V=151936, fp32; or
-           --target-model / --target-tokens): modes fwd+bwd and
+  target   each op (logprob, logprob_entropy, grpo and its variants, pacs, and the per-token temperature
+           and LoRA variants of logprob_entropy: see bench.ops) x provider at the device's target shape
+           (GPU: N=8192, H=4096, V=151936, bf16; CPU: N=1024, H=896, V=151936, fp32; or --target-model /
+           --target-tokens): modes fwd+bwd and
            fwd for every provider, plus bwd and no-grad for ours; 1/8 of each sequence is a masked prompt
            (as in RL: those rows are not scored); peak extra memory (CUDA allocator, or a fresh process's
            peak RSS on CPU); the bare lm-head GEMM forward+backward of the same shape (the floor).
@@ -19,6 +20,10 @@ Sections (--sections):
            plain ppo and each of bench.ops.GRPO_VARIANTS (cispo, sapo, pg_weights, ratio-weighted KL) in the
            same run: torch, and the Triton kernel on GPU. The target section times the same variants through
            the whole fused loss (ops grpo_*).
+  paired   the variant ops' cost ratios (per-token / float temperature; fused LoRA / the same op without
+           the adapter, / the op on a merged W + s B A, / PEFT on materialised logits) at the target shape,
+           timed in interleaved rounds (every provider once per round, in rotated order) so that a load
+           change on a shared machine hits both sides of a ratio: median and p20/p80 of the per-round ratios.
 Rows go to results.csv (bench.harness format: ratios are derived from rows of the same run); `python -m
 bench.plot DIR` draws them. Timings are medians with p20/p80; on CPU compare ratios, not absolute times.
 """
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -70,9 +76,9 @@ class Bench:
 
             def full():
                 loss = prob.step(provider)
-                return torch.autograd.grad(loss, prob.grads())
+                return torch.autograd.grad(loss, prob.grads(provider))
 
-            grads = sum(t.numel() * t.element_size() for t in prob.grads())
+            grads = sum(t.numel() * t.element_size() for t in prob.grads(provider))
             return float(cuda_peak_extra(full, "cuda") - grads)
         from bench.memory_cpu import measure
 
@@ -123,14 +129,14 @@ class Bench:
             return None
 
         def full():
-            return torch.autograd.grad(prob.step(provider), prob.grads())
+            return torch.autograd.grad(prob.step(provider), prob.grads(provider))
 
         retained = {}
 
         def bwd():
             if "loss" not in retained:
                 retained["loss"] = prob.step(provider)
-            return torch.autograd.grad(retained["loss"], prob.grads(), retain_graph=True)
+            return torch.autograd.grad(retained["loss"], prob.grads(provider), retain_graph=True)
 
         for mode in modes:
             fn = {
@@ -214,6 +220,54 @@ class Bench:
                     if floor:
                         r["x_floor"] = r["fwd+bwd"] / floor
                     self.summary["results"][f"{op}/{provider}"] = r
+        self.summary["variants"] = variant_costs(self.summary["results"])
+
+    def paired(self, rounds: int):
+        model, n = GPU_TARGET if self.cuda else CPU_TARGET
+        shape = MODELS[model]
+        out = self.summary.setdefault("paired", {})
+        for op in ("temperature", "lora"):
+            providers = OP_PROVIDERS[op]
+            prob = Problem(op, shape, n, self.dtype, self.device)
+
+            def full(provider, prob=prob):
+                return torch.autograd.grad(prob.step(provider), prob.grads(provider))
+
+            for provider in providers:  # warm-up (compilation, allocator)
+                full(provider)
+            times = {provider: [] for provider in providers}
+            for r in range(rounds):
+                order = providers[r % len(providers) :] + providers[: r % len(providers)]
+                for provider in order:
+                    if self.cuda:
+                        t = time_fn(lambda p=provider: full(p), "cuda", budget_ms=self.budget).median_ms
+                    else:
+                        t = time_fn(lambda p=provider: full(p), "cpu", warmup=0, rep=1).median_ms
+                    times[provider].append(t)
+            tag = f"N={prob.n_tokens},H={shape.hidden},V={shape.vocab}"
+            for key, num, den in PAIRED_RATIOS:
+                if num not in times or den not in times or not key.startswith(op):
+                    continue
+                ratios = sorted(a / b for a, b in zip(times[num], times[den]))
+                q = statistics.quantiles(ratios, n=5, method="inclusive") if len(ratios) > 1 else ratios * 4
+                out[key] = dict(median=statistics.median(ratios), p20=q[0], p80=q[3], rounds=len(ratios))
+                for metric, value in (
+                    ("ratio_median", out[key]["median"]),
+                    ("ratio_p20", q[0]),
+                    ("ratio_p80", q[3]),
+                ):
+                    self.rec.add(
+                        op,
+                        f"{num} / {den}",
+                        "fwd+bwd",
+                        metric,
+                        value,
+                        x_name="model",
+                        x=shape.name,
+                        shape=tag,
+                        dtype=str(self.dtype),
+                    )
+            self.write()
 
     def scaling(self):
         model, n = GPU_TARGET if self.cuda else CPU_TARGET
@@ -328,6 +382,36 @@ class Bench:
             json.dump(self.summary, f, indent=1)
 
 
+PAIRED_RATIOS = (  # (name, numerator provider, denominator provider); the name starts with the op
+    ("temperature: per-token / float", "fused-rlvr-token-temperature", "fused-rlvr"),
+    ("lora: fused / same op without adapter", "fused-rlvr", "fused-rlvr-no-adapter"),
+    ("lora: fused / op on merged W + s B A", "fused-rlvr", "fused-rlvr-merged-weight"),
+    ("lora: fused / torch (PEFT, materialised)", "fused-rlvr", "torch"),
+)
+
+
+def variant_costs(results: dict) -> dict:
+    """Ratios of the variant rows of one run: per-token vs float temperature, LoRA vs the alternatives."""
+    out = {}
+
+    def ratio(key, a, b, mode):
+        ra, rb = results.get(a, {}).get(mode), results.get(b, {}).get(mode)
+        if ra and rb:
+            out[f"{key} ({mode})"] = ra / rb
+
+    for mode in ("fwd+bwd", "fwd"):
+        ratio(
+            "per-token / float temperature",
+            "temperature/fused-rlvr-token-temperature",
+            "temperature/fused-rlvr",
+            mode,
+        )
+        ratio("fused LoRA / same op without adapter", "lora/fused-rlvr", "lora/fused-rlvr-no-adapter", mode)
+        ratio("fused LoRA / op on merged W + s B A", "lora/fused-rlvr", "lora/fused-rlvr-merged-weight", mode)
+        ratio("fused LoRA / torch (PEFT, materialised)", "lora/fused-rlvr", "lora/torch", mode)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -338,8 +422,9 @@ def main(argv=None) -> int:
         "--sections",
         nargs="+",
         default=["target", "scaling", "epilogue"],
-        choices=["target", "scaling", "epilogue"],
+        choices=["target", "scaling", "epilogue", "paired"],
     )
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of the paired section")
     ap.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and grid points")
     ap.add_argument("--target-model", default=None, choices=sorted(MODELS), help="target section: this model")
@@ -353,6 +438,8 @@ def main(argv=None) -> int:
     if "target" in args.sections:
         b.target(args.ops, args.target_model, args.target_tokens, mem=not args.no_memory)
         b.write()
+    if "paired" in args.sections:
+        b.guarded("paired", b.paired, args.rounds)
     if "scaling" in args.sections:
         b.scaling()
     if "epilogue" in args.sections:
@@ -384,6 +471,12 @@ def print_summary(summary):
         provider = key.split("/")[0]
         ppo = summary["epilogue"].get(f"{provider}/grpo")
         print(f"  epilogue {key:25s} {ms:9.3f} ms  {ms / ppo:.3f}x ppo")
+    for key, value in summary.get("variants", {}).items():
+        print(f"  {key:60s} {value:6.3f}x")
+    for key, r in summary.get("paired", {}).items():
+        print(
+            f"  {key:60s} {r['median']:6.3f}x  (p20 {r['p20']:.3f}, p80 {r['p80']:.3f}, {r['rounds']} rounds)"
+        )
     for key, why in summary.get("not_supported", {}).items():
         print(f"  {key:34s} not supported: {why}")
     for key in summary.get("errors", {}):

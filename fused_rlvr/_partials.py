@@ -23,31 +23,34 @@ def rescale_partials(part: torch.Tensor, big_m: torch.Tensor) -> torch.Tensor:
     Returns [stats - 1, ...]: S, Sd, zy (and S2, S2d) relative to big_m, ready to be summed over pieces:
     with shift = m - big_m <= 0 and w = exp(shift), S' = w S and Sd' = w (Sd + shift S) (S2 and S2d use w^2).
     """
-    m = part[0]
-    shift = m - big_m
-    w = torch.exp(shift)
+    shift, w = _shift(part[0], big_m)
     s = part[1]
-    out = [w * s, w * (part[2] + shift * s), part[3]]
+    out = [w * s, _scaled(w, part[2], shift, s), part[3]]
     if part.shape[0] == STATS_MOMENTS:
         w2 = w * w
         s2 = part[4]
-        out += [w2 * s2, w2 * (part[5] + shift * s2)]
+        out += [w2 * s2, _scaled(w2, part[5], shift, s2)]
     return torch.stack(out)
+
+
+def _shift(m: torch.Tensor, big_m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m - big_m, exp(m - big_m)); a piece whose logits are all -inf for a row has m = -inf or -FLT_MAX and
+    S = Sd = 0: its shift is taken as 0, so it adds exactly 0."""
+    shift = m - big_m
+    w = torch.exp(shift)
+    return torch.where(w > 0, shift, 0.0), w
+
+
+def _scaled(w: torch.Tensor, sd: torch.Tensor, shift: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """w (Sd + shift S), 0 where w = 0 (never 0 * inf)."""
+    return torch.where(w > 0, w * (sd + shift * s), 0.0)
 
 
 def reduce_partials(part: torch.Tensor) -> torch.Tensor:
     """Merge [stats, pieces, N] into [stats, N], rescaled to the overall max (`rescale_partials`, summed)."""
-    m = part[0]
-    big_m = m.max(dim=0).values
-    shift = m - big_m
-    w = torch.exp(shift)
-    s = part[1]
-    out = [big_m, (w * s).sum(0), (w * (part[2] + shift * s)).sum(0), part[3].sum(0)]
-    if part.shape[0] == STATS_MOMENTS:
-        w2 = w * w
-        s2 = part[4]
-        out += [(w2 * s2).sum(0), (w2 * (part[5] + shift * s2)).sum(0)]
-    return torch.stack(out)
+    big_m = part[0].max(dim=0).values
+    rest = rescale_partials(part, big_m)
+    return torch.cat([big_m.unsqueeze(0), rest.sum(1)])
 
 
 def finalize(part: torch.Tensor) -> dict[str, torch.Tensor]:

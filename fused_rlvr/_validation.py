@@ -9,10 +9,13 @@ from numbers import Real
 
 import torch
 
+from fused_rlvr.lora import LoRA
+
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BACKENDS = ("auto", "triton", "torch")
 
 _check_targets = os.environ.get("FUSED_RLVR_CHECK_TARGETS", "1") != "0"
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 def set_target_check(enabled: bool) -> None:
@@ -123,15 +126,18 @@ def check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend, *,
         raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not _INT64_MIN <= ignore_index <= _INT64_MAX:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     one_of("backend", backend, BACKENDS)
     if check_targets and _check_targets and targets.numel():
         vocab = weight.shape[0]
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+        t = targets.long()  # compared in int64: in uint8, `>= 300` would test `>= 44`, and -100 would be 156
+        bad = (t != ignore_index) & ((t < 0) | (t >= vocab))
         if bool(bad.any()):
             where = bad.nonzero()[0].tolist()
             raise ValueError(
                 f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
-                f"targets{where} = {int(targets[tuple(where)])}"
+                f"targets{where} = {int(t[tuple(where)])}"
             )
 
 
@@ -155,6 +161,12 @@ def per_token(name: str, value, shape, *, allow_none: bool = True, allow_per_seq
         if allow_none:
             return None
         raise ValueError(f"{name} is required")
+    check_per_token(name, value, shape, allow_per_sequence=allow_per_sequence)
+    return value.detach().to(torch.float32).contiguous()
+
+
+def check_per_token(name: str, value, shape, *, allow_per_sequence: bool = False) -> None:
+    """A floating-point tensor of exactly `shape` (or [B] = shape[:1] where allowed); no broadcasting."""
     check_tensor(name, value)
     ok = tuple(value.shape) == tuple(shape) or (allow_per_sequence and tuple(value.shape) == tuple(shape[:1]))
     if not ok:
@@ -162,7 +174,6 @@ def per_token(name: str, value, shape, *, allow_none: bool = True, allow_per_seq
         raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
-    return value.detach().to(torch.float32).contiguous()
 
 
 def non_negative(name: str, value) -> float:
@@ -206,3 +217,84 @@ def token_weights(name: str, value, shape, mask: torch.Tensor) -> torch.Tensor:
         where = neg.nonzero()[0].tolist()
         raise ValueError(f"{name} must be >= 0 where mask is 1; {name}{where} = {w[tuple(where)].item()}")
     return w.contiguous()
+
+
+def check_temperature(temperature, targets: torch.Tensor, ignore_index: int, device) -> float | torch.Tensor:
+    """A float temperature (a number or a one-element tensor), or a per-token tensor shaped like targets.
+
+    A per-token temperature must be floating point, on `device`, and (with the target check on) finite and
+    > 0 on every scored token (targets != ignore_index); ignored tokens may hold anything. It is returned
+    detached: the op has no gradient w.r.t. the temperature.
+    """
+    per_token = (
+        isinstance(temperature, torch.Tensor)
+        and temperature.dim() > 0
+        and tuple(temperature.shape) == tuple(targets.shape)
+    )
+    if not per_token:
+        if isinstance(temperature, torch.Tensor) and temperature.numel() != 1:
+            raise ValueError(
+                f"temperature must be a finite positive number or a tensor shaped like targets "
+                f"{tuple(targets.shape)}, got a tensor of shape {tuple(temperature.shape)}"
+            )
+        return positive_finite("temperature", temperature)
+    check_plain("temperature", temperature)
+    if not temperature.is_floating_point():
+        raise TypeError(f"temperature must be a floating-point tensor, got {temperature.dtype}")
+    if temperature.device != device:
+        raise ValueError(f"temperature is on {temperature.device} but hidden is on {device}")
+    temperature = temperature.detach()
+    if _check_targets and temperature.numel():
+        scored = targets.long() != ignore_index
+        bad = scored & ~(torch.isfinite(temperature) & (temperature > 0))
+        if bool(bad.any()):
+            where = bad.nonzero()[0].tolist()
+            raise ValueError(
+                f"temperature must be finite and > 0 on every scored token; "
+                f"temperature{where} = {float(temperature[tuple(where)])}"
+            )
+    return temperature
+
+
+def check_lora(lora_a, lora_b, lora_scale, hidden: torch.Tensor, weight: torch.Tensor) -> LoRA | None:
+    """A `fused_rlvr.lora.LoRA` from the public lora_a [r, H], lora_b [V, r], lora_scale, or None.
+
+    Both factors or neither; floating point, one dtype, on hidden's device, plain tensors; r >= 1, H as
+    hidden's width, V as weight's rows; lora_scale finite (1.0 when not given), only with the factors.
+    """
+    if lora_a is None and lora_b is None:
+        if lora_scale is not None:
+            raise ValueError("lora_scale is given without lora_a and lora_b (the adapter's factors)")
+        return None
+    if lora_a is None or lora_b is None:
+        missing = "lora_a" if lora_a is None else "lora_b"
+        raise ValueError(f"lora_a and lora_b go together: {missing} is missing")
+    check_tensor("lora_a", lora_a)
+    check_tensor("lora_b", lora_b)
+    check_plain("lora_a", lora_a)
+    check_plain("lora_b", lora_b)
+    vocab, width = weight.shape[0], hidden.shape[-1]
+    if lora_a.dim() != 2 or lora_a.shape[0] < 1 or lora_a.shape[1] != width:
+        raise ValueError(
+            f"lora_a must be [r, H] = [r, {width}] with r >= 1 (PEFT's lora_A.weight), "
+            f"got shape {tuple(lora_a.shape)}"
+        )
+    rank = lora_a.shape[0]
+    if tuple(lora_b.shape) != (vocab, rank):
+        raise ValueError(
+            f"lora_b must be [V, r] = ({vocab}, {rank}) (PEFT's lora_B.weight; V as weight's rows, r as "
+            f"lora_a's), got shape {tuple(lora_b.shape)}"
+        )
+    for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be bfloat16, float16 or float32, got {t.dtype}")
+        if t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    if lora_a.dtype != lora_b.dtype:
+        raise TypeError(f"lora_a dtype {lora_a.dtype} differs from lora_b dtype {lora_b.dtype}")
+    scale = 1.0 if lora_scale is None else lora_scale
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(float(scale)):
+        raise ValueError(f"lora_scale must be a finite number, got {lora_scale!r}")
+    return LoRA(lora_a, lora_b, float(scale))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fused_rlvr._validation import check_tensor, one_of, positive_finite
+from fused_rlvr._validation import as_mask, check_per_token, check_tensor, one_of, positive_finite
 
 ESTIMATORS = ("grpo", "rloo")
 SCALES = ("group", "batch", "none")
@@ -86,13 +86,17 @@ class SteerConfig:
     lambda_max: float = 1.0
 
     def __post_init__(self):
-        one_of("steer.mode", self.mode, STEER_MODES)
-        positive_finite("steer.lambda_min", self.lambda_min)
-        positive_finite("steer.lambda_max", self.lambda_max)
-        if self.lambda_min > self.lambda_max:
-            raise ValueError(
-                f"steer.lambda_min ({self.lambda_min}) must not exceed lambda_max ({self.lambda_max})"
-            )
+        _check_steer_options(self.mode, self.lambda_min, self.lambda_max, prefix="steer.")
+
+
+def _check_steer_options(mode, lambda_min, lambda_max, *, prefix: str = "") -> tuple[float, float]:
+    """mode one of STEER_MODES, 0 < lambda_min <= lambda_max, both finite; errors name `prefix` + field."""
+    one_of(prefix + "mode", mode, STEER_MODES)
+    lo = positive_finite(prefix + "lambda_min", lambda_min)
+    hi = positive_finite(prefix + "lambda_max", lambda_max)
+    if lo > hi:
+        raise ValueError(f"{prefix}lambda_min ({lo}) must not exceed lambda_max ({hi})")
+    return lo, hi
 
 
 @torch.no_grad()
@@ -120,16 +124,31 @@ def steer_weights(
     "exact": Omega = A r [p_y (log p_y + H) - sum_v p_v^2 (log p_v + H)], the first-order entropy change
     of the step (up to the learning rate), from the moments of `linear_entropy_moments` (sum_p2,
     sum_p2_logp) and the current entropy; then the "exp" mapping.
+
+    logprobs, old_logprobs, old_entropy (and sum_p2, sum_p2_logp, entropy) are floating [B, T] tensors,
+    advantages [B, T] or [B], mask a 0/1 [B, T] tensor (exact shapes, no broadcasting); mode and the lambda
+    bounds are checked as `SteerConfig` checks them (0 < lambda_min <= lambda_max, finite).
     """
-    one_of("mode", mode, STEER_MODES)
-    m = mask.to(torch.bool)
-    adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(logprobs)
+    lambda_min, lambda_max = _check_steer_options(mode, lambda_min, lambda_max)
+    check_tensor("logprobs", logprobs)
+    if not logprobs.is_floating_point():
+        raise TypeError(f"logprobs must be a floating-point [B, T] tensor, got {logprobs.dtype}")
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs must be [B, T], got shape {tuple(logprobs.shape)}")
+    b_t = tuple(logprobs.shape)
+    m = as_mask("mask", mask, b_t).to(logprobs.device) > 0
+    check_per_token("old_logprobs", old_logprobs, b_t)
+    check_per_token("old_entropy", old_entropy, b_t)
+    check_per_token("advantages", advantages, b_t, allow_per_sequence=True)
+    adv = advantages if advantages.dim() == 2 else advantages[:, None].expand(b_t)
     lp = logprobs.double()
     if mode == "exact":
         if sum_p2 is None or sum_p2_logp is None or entropy is None:
             raise ValueError(
                 "mode='exact' needs sum_p2, sum_p2_logp and entropy (from linear_entropy_moments)"
             )
+        for name, value in (("sum_p2", sum_p2), ("sum_p2_logp", sum_p2_logp), ("entropy", entropy)):
+            check_per_token(name, value, b_t)
         ent = entropy.double()
         p = lp.exp()
         ratio = (lp - old_logprobs.double()).clamp(-20, 20).exp()

@@ -42,20 +42,38 @@ def sequence_logprobs(
     mask: torch.Tensor,
     *,
     bias: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     softcap: Optional[float] = None,
     backend: str = "auto",
+    lora_a: Optional[torch.Tensor] = None,
+    lora_b: Optional[torch.Tensor] = None,
+    lora_scale: Optional[float] = None,
 ) -> torch.Tensor:
     """sum_t mask[b, t] * log_softmax(softcap(hidden[b, t] @ weight.T + bias) / temperature)[targets[b, t]].
 
     hidden [B, T, H] (positions already aligned with targets: hidden[:, t] predicts targets[:, t]), targets
     [B, T], mask [B, T] 0/1. Returns fp32 [B], differentiable w.r.t. hidden, weight and bias. Masked tokens
     go to the fused op as ignore_index: they cost no vocabulary work and get zero gradient.
+    temperature: a float or a per-token [B, T] tensor (any value on masked tokens), as in `linear_logprobs`.
+    lora_a, lora_b, lora_scale: a LoRA adapter on the lm-head (logits + lora_scale (h A^T) B^T), as in
+    `linear_logprobs`; differentiable w.r.t. both factors.
     """
     _check_hidden(hidden, targets)
     m = as_mask("mask", mask, targets.shape).to(hidden.device)
-    y = torch.where(m > 0, targets, torch.full_like(targets, IGNORE_INDEX))
-    params = make_params(hidden, weight, y, bias, temperature, softcap, IGNORE_INDEX, backend)
+    y = torch.where(m > 0, targets.long(), IGNORE_INDEX)  # int64: in uint8, -100 would read as id 156
+    params = make_params(
+        hidden,
+        weight,
+        y,
+        bias,
+        temperature,
+        softcap,
+        IGNORE_INDEX,
+        backend,
+        lora_a=lora_a,
+        lora_b=lora_b,
+        lora_scale=lora_scale,
+    )
     lp, _ent, _, _ = fused_token_stats(hidden, weight, bias, y, params)
     return (lp * m).sum(1)
 
@@ -119,9 +137,12 @@ def linear_dpo_loss(
     beta: float = 0.1,
     label_smoothing: float = 0.0,
     bias: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     softcap: Optional[float] = None,
     backend: str = "auto",
+    lora_a: Optional[torch.Tensor] = None,
+    lora_b: Optional[torch.Tensor] = None,
+    lora_scale: Optional[float] = None,
 ) -> tuple[torch.Tensor, DPOStats]:
     """DPO loss straight from the policy's hidden states of a concatenated pair batch.
 
@@ -130,7 +151,9 @@ def linear_dpo_loss(
     ref_logprobs: the reference model's log-probs in the same row order, either per sequence [2P] (e.g.
     `sequence_logprobs` of the reference under no_grad, possibly cached) or per token [2P, T] (summed over
     mask here). Equals `dpo_loss(s[:P], s[P:], ref[:P], ref[P:], beta)` with s = `sequence_logprobs(...)`,
-    without ever allocating the [2P, T, V] logits. Returns (loss, DPOStats).
+    without ever allocating the [2P, T, V] logits. temperature: a float or a per-token [2P, T] tensor.
+    lora_a, lora_b, lora_scale: the policy's LoRA adapter on the lm-head, as in `sequence_logprobs`.
+    Returns (loss, DPOStats).
     """
     _check_hidden(hidden, targets)
     rows = hidden.shape[0]
@@ -140,7 +163,17 @@ def linear_dpo_loss(
         "ref_logprobs", ref_logprobs, tuple(targets.shape), allow_none=False, allow_per_sequence=True
     )
     seq = sequence_logprobs(
-        hidden, weight, targets, mask, bias=bias, temperature=temperature, softcap=softcap, backend=backend
+        hidden,
+        weight,
+        targets,
+        mask,
+        bias=bias,
+        temperature=temperature,
+        softcap=softcap,
+        backend=backend,
+        lora_a=lora_a,
+        lora_b=lora_b,
+        lora_scale=lora_scale,
     )
     if ref.dim() == 2:
         ref = (ref.to(seq.device) * as_mask("mask", mask, targets.shape).to(seq.device)).sum(1)

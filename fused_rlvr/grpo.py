@@ -395,7 +395,7 @@ def linear_grpo_loss(
     kl_ratio_weighted: bool = False,
     kl_clamp: Optional[float] = 10.0,
     log_ratio_clamp: Optional[float] = 20.0,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     bias: Optional[torch.Tensor] = None,
     softcap: Optional[float] = None,
     backend: str = "auto",
@@ -403,6 +403,9 @@ def linear_grpo_loss(
     max_len: Optional[int] = None,
     old_entropy: Optional[torch.Tensor] = None,
     vocab_parallel: Optional[VocabParallel] = None,
+    lora_a: Optional[torch.Tensor] = None,
+    lora_b: Optional[torch.Tensor] = None,
+    lora_scale: Optional[float] = None,
 ) -> tuple[torch.Tensor, GRPOStats]:
     """GRPO-family policy loss straight from hidden states [B, T, H] and the lm-head (no [B, T, V] tensor).
 
@@ -435,9 +438,11 @@ def linear_grpo_loss(
     B * max_len (dr_grpo), unless `normalizer` gives the whole-batch value: then summing the losses of
     micro-batches gives exactly the full batch's loss and gradient. max_len defaults to T.
     Values of any per-token input at positions where mask is 0 are never read into the loss, its gradient
-    or the stats. vocab_parallel: `weight` (and `bias`) is this rank's vocabulary shard of a
-    vocabulary-parallel lm-head, as in `linear_logprobs`; every other input is the same on all ranks, and
-    so are the loss and stats; weight/bias get this shard's gradient, hidden the full one.
+    or the stats. temperature: a float or a per-token [B, T] tensor, as in `linear_logprobs`.
+    vocab_parallel: `weight` (and `bias`) is this rank's vocabulary shard of a vocabulary-parallel lm-head,
+    as in `linear_logprobs`; every other input is the same on all ranks, and so are the loss and stats;
+    weight/bias get this shard's gradient, hidden the full one. lora_a, lora_b, lora_scale: a LoRA adapter
+    on the lm-head, as in `linear_logprobs`.
 
     In plain torch (token level, ppo, token-mean; lp from materialised logits):
         r = torch.exp((lp - old).clamp(-20, 20)); A = advantages[:, None]
@@ -510,6 +515,9 @@ def linear_grpo_loss(
         backend,
         moments,
         vocab_parallel=vocab_parallel,
+        lora_a=lora_a,
+        lora_b=lora_b,
+        lora_scale=lora_scale,
     )
     lp, ent, p2, p2logp = fused_token_stats(hidden, weight, bias, y, lp_params)
 

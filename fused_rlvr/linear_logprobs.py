@@ -2,30 +2,52 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from fused_rlvr import _torch_backend, _triton_backend
 from fused_rlvr._kernels import triton_available
 from fused_rlvr._partials import finalize
-from fused_rlvr._validation import check_linear_inputs, positive_finite
+from fused_rlvr._validation import check_linear_inputs, check_lora, check_temperature, positive_finite
+from fused_rlvr.lora import LoRA
 from fused_rlvr.types import IGNORE_INDEX, TokenStats
 from fused_rlvr.vocab_parallel import VocabParallel, VocabShard, vocab_shard
 
 
 @dataclass(frozen=True)
 class LogprobParams:
-    """Everything the autograd function needs besides tensors; `backend` is already resolved."""
+    """Everything the autograd function needs besides the differentiable tensors; `backend` is resolved.
 
-    temperature: float = 1.0
+    temperature: a float, or a detached per-token tensor shaped like targets. The backends receive the
+    params of the valid rows (`for_rows`), whose per-token temperature is then a 1-D tensor aligned with
+    their rows.
+    """
+
+    temperature: Union[float, torch.Tensor] = 1.0
     softcap: Optional[float] = None
     ignore_index: int = IGNORE_INDEX
     backend: str = "torch"  # "triton" or "torch"
     interpret: bool = False  # Triton kernels run by the interpreter (CPU tensors)
     moments: bool = False  # also return sum p^2 and sum p^2 log p (forward only)
     shard: Optional[VocabShard] = None  # vocabulary-parallel: weight/bias hold these rows of the lm-head
+    lora: Optional[LoRA] = None  # a LoRA adapter on the head: u = h W^T + scale (h A^T) B^T + b
+
+    def for_rows(self, rows: Optional[torch.Tensor]) -> LogprobParams:
+        """These params for the valid rows `rows` of the flattened tokens (None: every row)."""
+        if not isinstance(self.temperature, torch.Tensor):
+            return self
+        t = self.temperature.reshape(-1)
+        return replace(self, temperature=(t if rows is None else t.index_select(0, rows)).contiguous())
+
+    def inv_temperature(self) -> Union[float, torch.Tensor]:
+        """1 / temperature: a float, or per row fp32 (computed in float64, rounded once, as the float's)."""
+        if isinstance(self.temperature, torch.Tensor):
+            return (1.0 / self.temperature.double()).float()
+        return 1.0 / self.temperature
 
 
 def resolve_backend(backend: str, device: torch.device) -> tuple[str, bool]:
@@ -42,13 +64,16 @@ def _impl(params: LogprobParams):
 
 
 def _flatten(hidden, targets, ignore_index):
-    """2-D hidden, 1-D targets, the indices of valid rows, and compact copies when some rows are ignored."""
+    """2-D hidden, 1-D int64 targets, the indices of valid rows (None: all), and the valid rows' hidden states
+    and contiguous int64 targets.
+
+    Targets are compared in int64 whatever their dtype (in uint8, -100 would read as 156)."""
     h2 = hidden.reshape(-1, hidden.shape[-1])
-    y = targets.reshape(-1)
+    y = targets.reshape(-1).long()
     rows = (y != ignore_index).nonzero().squeeze(1)
     if rows.numel() == y.numel():
-        return h2, y.long(), None, h2, y.long()
-    return h2, y, rows, h2.index_select(0, rows), y.index_select(0, rows).long()
+        return h2, y, None, h2, y.contiguous()
+    return h2, y, rows, h2.index_select(0, rows), y.index_select(0, rows)
 
 
 def _scatter_rows(values: torch.Tensor, rows: Optional[torch.Tensor], n: int) -> torch.Tensor:
@@ -57,7 +82,24 @@ def _scatter_rows(values: torch.Tensor, rows: Optional[torch.Tensor], n: int) ->
     return values.new_zeros(n).index_copy_(0, rows, values)
 
 
+def _autocast_off(fn):
+    """Run `fn(hidden, ...)` with autocast off for hidden's device: the op computes in the inputs' own dtypes
+    (fp32 statistics, fp32 accumulation) inside an autocast region too, forward and backward."""
+
+    @functools.wraps(fn)
+    def wrapper(hidden, *args, **kwargs):
+        dev = hidden.device.type
+        off = (
+            torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext()
+        )
+        with off:
+            return fn(hidden, *args, **kwargs)
+
+    return wrapper
+
+
 @torch.compiler.disable  # opaque to torch.compile: kernel launches and loops over chunks run eagerly
+@_autocast_off
 def forward_stats(hidden, weight, bias, targets, params: LogprobParams) -> dict[str, torch.Tensor]:
     """Forward only: dict of fp32 per-token tensors shaped like targets (0 on ignored tokens).
 
@@ -68,22 +110,29 @@ def forward_stats(hidden, weight, bias, targets, params: LogprobParams) -> dict[
     if yv.numel() == 0:
         keys = ["logprob", "entropy", "lse"] + (["sum_p2", "sum_p2_logp"] if params.moments else [])
         return {k: torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device) for k in keys}
+    rp = params.for_rows(rows)
     if params.shard is None:
-        stats = _impl(params).forward(hv, weight, bias, yv, params)
+        stats = _impl(params).forward(hv, weight, bias, yv, rp)
     else:  # this shard's partials, merged with the other ranks' (fused_rlvr.vocab_parallel)
-        part = _impl(params).forward_partials(hv, weight, bias, params.shard.local_targets(yv), params)
+        part = _impl(params).forward_partials(hv, weight, bias, params.shard.local_targets(yv), rp)
         stats = finalize(params.shard.all_reduce_partials(part))
     return {k: _scatter_rows(v, rows, n).view(targets.shape) for k, v in stats.items()}
 
 
 class LinearLogprobFunction(torch.autograd.Function):
-    """(hidden, weight, bias, targets, params) -> (logprobs, entropy); see `linear_logprobs`."""
+    """(hidden, weight, bias, targets, params, lora_a, lora_b) -> (logprobs, entropy); see `linear_logprobs`.
+
+    lora_a / lora_b are params.lora's tensors (None without an adapter), inputs here so that autograd
+    tracks them.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, params: LogprobParams):
+    def forward(ctx, hidden, weight, bias, targets, params: LogprobParams, lora_a=None, lora_b=None):
         stats = forward_stats(hidden, weight, bias, targets, params)
-        ctx.params = params
-        ctx.save_for_backward(hidden, weight, bias, targets, stats["lse"], stats["entropy"])
+        # the adapter's tensors are saved as tensors (version-checked), not kept inside ctx.params
+        ctx.params = params if params.lora is None else replace(params, lora=None)
+        ctx.lora_scale = None if params.lora is None else params.lora.scale
+        ctx.save_for_backward(hidden, weight, bias, targets, stats["lse"], stats["entropy"], lora_a, lora_b)
         ctx.set_materialize_grads(False)
         if params.moments:  # (sum p^2, sum p^2 log p) ride along, not differentiable
             ctx.mark_non_differentiable(stats["sum_p2"], stats["sum_p2_logp"])
@@ -93,36 +142,49 @@ class LinearLogprobFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logprob, grad_entropy, *_moment_grads):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        needs = (need_h, need_w, bias is not None and need_b)
-        if (grad_logprob is None and grad_entropy is None) or not any(needs):
-            return None, None, None, None, None
-        grads = backward_grads(
-            hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy, ctx.params, needs
+        hidden, weight, bias, targets, lse, entropy, lora_a, lora_b = ctx.saved_tensors
+        need_h, need_w, need_b, _, _, need_a, need_lb = ctx.needs_input_grad
+        lora = None if lora_a is None else LoRA(lora_a, lora_b, ctx.lora_scale)
+        needs = (
+            need_h,
+            need_w,
+            bias is not None and need_b,
+            lora is not None and need_a,
+            lora is not None and need_lb,
         )
-        return (*grads, None, None)
+        if (grad_logprob is None and grad_entropy is None) or not any(needs):
+            return (None,) * 7
+        params = ctx.params if lora is None else replace(ctx.params, lora=lora)
+        dh, dw, db, da, dlb = backward_grads(
+            hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy, params, needs
+        )
+        return dh, dw, db, None, None, da, dlb
 
 
 @torch.compiler.disable
+@_autocast_off
 def backward_grads(
     hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy, params: LogprobParams, needs
 ):
-    """(d_hidden, d_weight, d_bias) for upstream grads of the per-token outputs (None where not needed).
+    """(d_hidden, d_weight, d_bias, d_lora_a, d_lora_b) for upstream grads of the per-token outputs (None
+    where `needs` says a gradient is not needed).
 
-    Vocabulary-parallel: d_weight and d_bias are this rank's shard; d_hidden is all-reduced over the group
-    (in fp32, before the cast to hidden's dtype) unless the shard says the caller does it.
+    Vocabulary-parallel: d_weight, d_bias and d_lora_b are this rank's shard; d_hidden is all-reduced over the
+    group (in fp32, before the cast to hidden's dtype) unless the shard says the caller does it; d_lora_a
+    (A is replicated on every rank) is always all-reduced, so every rank holds the full gradient of A.
     """
     h2, y, rows, hv, yv = _flatten(hidden, targets, params.ignore_index)
     if yv.numel() == 0:
-        return tuple(torch.zeros_like(t) if need else None for t, need in zip((hidden, weight, bias), needs))
+        lora = params.lora
+        inputs = (hidden, weight, bias) + ((None, None) if lora is None else (lora.a, lora.b))
+        return tuple(torch.zeros_like(t) if need else None for t, need in zip(inputs, needs))
 
     def valid(t):
         t = t.reshape(-1)
         return (t if rows is None else t.index_select(0, rows)).float().contiguous()
 
     shard = params.shard
-    dhv, dw, db = _impl(params).backward(
+    dhv, dw, db, da, dlb = _impl(params).backward(
         hv,
         weight,
         bias,
@@ -131,7 +193,7 @@ def backward_grads(
         valid(entropy),
         None if grad_logprob is None else valid(grad_logprob),
         None if grad_entropy is None else valid(grad_entropy),
-        params,
+        params.for_rows(rows),
         needs,
     )
     dh = None
@@ -143,7 +205,9 @@ def backward_grads(
         dh = dh.view(hidden.shape)
     if db is not None:
         db = db.to(bias.dtype)
-    return dh, dw, db
+    if da is not None and shard is not None:
+        da = shard.all_reduce_replicated_grad(da)
+    return dh, dw, db, da, dlb
 
 
 def make_params(
@@ -158,27 +222,47 @@ def make_params(
     moments=False,
     *,
     vocab_parallel: Optional[VocabParallel] = None,
+    lora_a: Optional[torch.Tensor] = None,
+    lora_b: Optional[torch.Tensor] = None,
+    lora_scale: Optional[float] = None,
 ) -> LogprobParams:
     """Validate the public arguments and build the LogprobParams for them.
 
     With `vocab_parallel`, weight/bias are this rank's vocabulary shard: the checks then run on every rank
     together (fused_rlvr.vocab_parallel.vocab_shard) and the params carry the resolved VocabShard.
+    lora_a / lora_b / lora_scale: a LoRA adapter on the head (`linear_logprobs`), carried as params.lora.
     """
 
     def local_check():
         check_linear_inputs(
             hidden, weight, targets, bias, ignore_index, backend, check_targets=vocab_parallel is None
         )
-        temp = positive_finite("temperature", temperature)
+        temp = check_temperature(temperature, targets, ignore_index, hidden.device)
         cap = positive_finite("softcap", softcap, allow_none=True)
+        lora = check_lora(lora_a, lora_b, lora_scale, hidden, weight)
         resolved, interpret = resolve_backend(backend, hidden.device)
-        params = LogprobParams(temp, cap, ignore_index, resolved, interpret, moments)
-        return params, (temp, cap, ignore_index, str(hidden.dtype), bias is not None, moments)
+        params = LogprobParams(temp, cap, ignore_index, resolved, interpret, moments, lora=lora)
+        # what must agree across the ranks of a vocabulary-parallel group (a per-token temperature's values
+        # and the replicated lora_a are compared through checksums in the gathered layout)
+        temp_kind = "per-token" if isinstance(temp, torch.Tensor) else temp
+        adapter = None
+        if lora is not None:
+            a_grad = torch.is_grad_enabled() and lora.a.requires_grad
+            adapter = (lora.rank, lora.scale, str(lora.a.dtype), a_grad)
+        return params, (temp_kind, cap, ignore_index, str(hidden.dtype), bias is not None, moments, adapter)
 
     if vocab_parallel is None:
         return local_check()[0]
+    token_temperature = temperature if isinstance(temperature, torch.Tensor) and temperature.dim() else None
     params, shard = vocab_shard(
-        vocab_parallel, hidden, weight, targets, ignore_index, local_check=local_check
+        vocab_parallel,
+        hidden,
+        weight,
+        targets,
+        ignore_index,
+        local_check=local_check,
+        token_values=token_temperature,
+        replicated=lora_a if isinstance(lora_a, torch.Tensor) else None,
     )
     return replace(params, shard=shard)
 
@@ -189,32 +273,41 @@ def linear_logprobs(
     targets: torch.Tensor,
     *,
     bias: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
+    temperature: Union[float, torch.Tensor] = 1.0,
     softcap: Optional[float] = None,
     ignore_index: int = IGNORE_INDEX,
     return_entropy: bool = True,
     backend: str = "auto",
     vocab_parallel: Optional[VocabParallel] = None,
+    lora_a: Optional[torch.Tensor] = None,
+    lora_b: Optional[torch.Tensor] = None,
+    lora_scale: Optional[float] = None,
 ) -> TokenStats:
     """Per-token log-probabilities (and entropy) of `targets` under an lm-head, without the [N, V] logits.
 
     Equals, in plain torch (but never allocates the logits, forward or backward)::
 
         z = hidden @ weight.T + bias
+        z = z + lora_scale * (hidden @ lora_a.T) @ lora_b.T   # with a LoRA adapter on the head
         z = softcap * tanh(z / softcap)            # if softcap is given
         logp = torch.log_softmax(z / temperature, -1)
         logprobs = logp.gather(-1, targets[..., None])[..., 0]
         entropy = -(logp.exp() * logp).sum(-1)
 
     with tokens whose target is `ignore_index` giving 0 and receiving no gradient (and costing no vocabulary
-    work). Both outputs are fp32, shaped like `targets`, and differentiable w.r.t. hidden, weight and bias.
+    work). Both outputs are fp32, shaped like `targets`, and differentiable w.r.t. hidden, weight, bias,
+    lora_a and lora_b (a gradient is computed only for the tensors that require one: a frozen weight under
+    a trained adapter costs no d_weight).
 
     Args:
         hidden: [..., H] last hidden states (bf16, fp16 or fp32).
         weight: [V, H] lm-head weight, same dtype and device as hidden.
         targets: integer [...] token ids in [0, V) or ignore_index.
         bias: optional [V] lm-head bias.
-        temperature: finite positive divisor of the (softcapped) logits.
+        temperature: finite positive divisor of the (softcapped) logits: a float, or a floating tensor
+            shaped like `targets` with one temperature per token (finite and > 0 on scored tokens; ignored
+            tokens may hold anything): logp = log_softmax(z / temperature[..., None]). No gradient flows
+            to a temperature tensor.
         softcap: optional finite positive logit soft-cap (Gemma-2's final_logit_softcapping).
         return_entropy: if False, `TokenStats.entropy` is None.
         backend: "auto" (Triton on CUDA, chunked torch on CPU), "triton" (on CPU: the Triton interpreter),
@@ -224,9 +317,18 @@ def linear_logprobs(
             targets (global ids in [0, V_total)) are the same on every rank. The outputs equal the
             single-process op on the whole weight, on every rank; the gradients are this rank's weight/bias
             shard and the full d_hidden (all-reduced over the group inside the backward unless
-            `reduce_grad_hidden=False`). See `fused_rlvr.vocab_parallel`.
+            `reduce_grad_hidden=False`). See `fused_rlvr.vocab_parallel`. With an adapter, lora_b holds the
+            same rows as weight and lora_a is replicated: its gradient is all-reduced, complete on every rank.
+        lora_a: optional [r, H] LoRA factor A of the lm-head (PEFT's `lora_A.weight`), r >= 1.
+        lora_b: [V, r] LoRA factor B (PEFT's `lora_B.weight`); given together with lora_a. Both floating
+            point, of one dtype (which may differ from weight's, as PEFT's fp32 adapters on a bf16 model),
+            on hidden's device. The rank-r term is added inside the logit tiles from scale (hidden @ A^T):
+            no merged W + scale B A and no logits are formed.
+        lora_scale: finite scale of the adapter (PEFT's `scaling`, lora_alpha / r); 1.0 when not given.
 
     Under `torch.no_grad()` (or when nothing requires grad) only the forward runs and nothing is saved.
+    Inside a `torch.autocast` region the op still computes in the inputs' own dtypes, forward and backward
+    (cast hidden and weight to the autocast dtype first to score in it, as `fused_rlvr.integrations.hf` does).
     The target-range check costs a device sync: see `fused_rlvr.set_target_check` to skip it.
     """
     params = make_params(
@@ -239,6 +341,9 @@ def linear_logprobs(
         ignore_index,
         backend,
         vocab_parallel=vocab_parallel,
+        lora_a=lora_a,
+        lora_b=lora_b,
+        lora_scale=lora_scale,
     )
     lp, ent, _, _ = fused_token_stats(hidden, weight, bias, targets, params)
     return TokenStats(lp, ent if return_entropy else None)
@@ -246,10 +351,13 @@ def linear_logprobs(
 
 def fused_token_stats(hidden, weight, bias, targets, params: LogprobParams):
     """(logprob, entropy, sum_p2, sum_p2_logp): through autograd when a parameter needs a gradient, else a
-    bare forward that saves nothing. The moments are None unless params.moments (they carry no gradient)."""
-    tracked = (hidden, weight) + (() if bias is None else (bias,))
+    bare forward that saves nothing. The moments are None unless params.moments (they carry no gradient).
+    A LoRA adapter's tensors come from params.lora."""
+    lora = params.lora
+    adapter = (None, None) if lora is None else (lora.a, lora.b)
+    tracked = (hidden, weight) + (() if bias is None else (bias,)) + (() if lora is None else adapter)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
-        out = LinearLogprobFunction.apply(hidden, weight, bias, targets, params)
+        out = LinearLogprobFunction.apply(hidden, weight, bias, targets, params, *adapter)
         return out if params.moments else (*out, None, None)
     stats = forward_stats(hidden, weight, bias, targets, params)
     return stats["logprob"], stats["entropy"], stats.get("sum_p2"), stats.get("sum_p2_logp")
@@ -262,17 +370,22 @@ def linear_entropy_moments(
     targets: torch.Tensor,
     *,
     bias: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
+    temperature: Union[float, torch.Tensor] = 1.0,
     softcap: Optional[float] = None,
     ignore_index: int = IGNORE_INDEX,
     backend: str = "auto",
     vocab_parallel: Optional[VocabParallel] = None,
+    lora_a: Optional[torch.Tensor] = None,
+    lora_b: Optional[torch.Tensor] = None,
+    lora_scale: Optional[float] = None,
 ) -> dict[str, torch.Tensor]:
     """No-grad forward with the entropy-change moments.
 
     Returns fp32 tensors shaped like targets: logprob, entropy, lse, sum_p2 = sum_v p_v^2 and
     sum_p2_logp = sum_v p_v^2 log p_v — what the first-order entropy-change estimate needs.
+    temperature: a float or a per-token tensor shaped like targets, as in `linear_logprobs`.
     vocab_parallel: a vocabulary-parallel weight shard, as in `linear_logprobs`.
+    lora_a, lora_b, lora_scale: a LoRA adapter on the head, as in `linear_logprobs`.
     """
     params = make_params(
         hidden,
@@ -285,5 +398,8 @@ def linear_entropy_moments(
         backend,
         True,
         vocab_parallel=vocab_parallel,
+        lora_a=lora_a,
+        lora_b=lora_b,
+        lora_scale=lora_scale,
     )
     return forward_stats(hidden, weight, bias, targets, params)

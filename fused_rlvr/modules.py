@@ -11,6 +11,10 @@ from fused_rlvr.grpo import GRPOStats, linear_grpo_loss
 from fused_rlvr.pacs import PACSStats, linear_pacs_loss
 
 
+def _with_temperature(kwargs: dict, temperature) -> dict:
+    return kwargs if temperature is None else dict(kwargs, temperature=temperature)
+
+
 class LinearGRPOLoss(torch.nn.Module):
     """`linear_grpo_loss` with its hyper-parameters fixed at construction."""
 
@@ -76,9 +80,15 @@ class LinearGRPOLoss(torch.nn.Module):
         max_len=None,
         old_entropy=None,
         vocab_parallel=None,
+        temperature=None,
+        lora_a=None,
+        lora_b=None,
+        lora_scale=None,
     ) -> tuple[torch.Tensor, GRPOStats]:
         """The per-batch inputs of `linear_grpo_loss` (pg_weights: policy-gradient weights, e.g. from
-        `rollout_correction`); vocab_parallel: `weight` is this rank's vocabulary shard."""
+        `rollout_correction`); vocab_parallel: `weight` is this rank's vocabulary shard (see linear_logprobs).
+        temperature: this call's (a float or a per-token [B, T] tensor) instead of the one given at
+        construction. lora_a, lora_b, lora_scale: a LoRA adapter on the lm-head (see linear_logprobs)."""
         return linear_grpo_loss(
             hidden,
             weight,
@@ -93,7 +103,10 @@ class LinearGRPOLoss(torch.nn.Module):
             max_len=max_len,
             old_entropy=old_entropy,
             vocab_parallel=vocab_parallel,
-            **self.kwargs,
+            lora_a=lora_a,
+            lora_b=lora_b,
+            lora_scale=lora_scale,
+            **_with_temperature(self.kwargs, temperature),
         )
 
     def extra_repr(self) -> str:
@@ -136,8 +149,14 @@ class LinearPACSLoss(torch.nn.Module):
         bias=None,
         normalizer=None,
         vocab_parallel=None,
+        temperature=None,
+        lora_a=None,
+        lora_b=None,
+        lora_scale=None,
     ) -> tuple[torch.Tensor, PACSStats]:
-        """vocab_parallel: `weight` is this rank's vocabulary shard (see linear_logprobs)."""
+        """vocab_parallel: `weight` is this rank's vocabulary shard (see linear_logprobs). temperature: this
+        call's (a float or a per-token [B, T] tensor) instead of the one given at construction. lora_a,
+        lora_b, lora_scale: a LoRA adapter on the lm-head (see linear_logprobs)."""
         return linear_pacs_loss(
             hidden,
             weight,
@@ -149,7 +168,10 @@ class LinearPACSLoss(torch.nn.Module):
             bias=bias,
             normalizer=normalizer,
             vocab_parallel=vocab_parallel,
-            **self.kwargs,
+            lora_a=lora_a,
+            lora_b=lora_b,
+            lora_scale=lora_scale,
+            **_with_temperature(self.kwargs, temperature),
         )
 
     def extra_repr(self) -> str:

@@ -111,12 +111,15 @@ def linear_pacs_loss(
     beta: float = 1.0,
     baseline: str = "rloo",
     class_balance: bool = True,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     bias: Optional[torch.Tensor] = None,
     softcap: Optional[float] = None,
     backend: str = "auto",
     normalizer: Optional[float] = None,
     vocab_parallel: Optional[VocabParallel] = None,
+    lora_a: Optional[torch.Tensor] = None,
+    lora_b: Optional[torch.Tensor] = None,
+    lora_scale: Optional[float] = None,
 ) -> tuple[torch.Tensor, PACSStats]:
     """PACS loss straight from hidden states [B, T, H] and the lm-head (the authors' code is the default).
 
@@ -126,6 +129,7 @@ def linear_pacs_loss(
     log-prob is beta * (e_i - mean_{j != i} e_j), e_i = w_i (sigmoid(psi_i) - R_i) / N, for rloo.
     vocab_parallel: `weight` (and `bias`) is this rank's vocabulary shard
     of a vocabulary-parallel lm-head, as in `linear_logprobs`; all other inputs are replicated.
+    lora_a, lora_b, lora_scale: a LoRA adapter on the lm-head, as in `linear_logprobs`.
     """
     check_tensor("hidden", hidden)
     check_tensor("rewards", rewards)
@@ -158,6 +162,9 @@ def linear_pacs_loss(
         IGNORE_INDEX,
         backend,
         vocab_parallel=vocab_parallel,
+        lora_a=lora_a,
+        lora_b=lora_b,
+        lora_scale=lora_scale,
     )
     lp, _ent, _, _ = fused_token_stats(hidden, weight, bias, y, params)
     if params.backend == "triton":

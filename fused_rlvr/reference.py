@@ -16,15 +16,20 @@ def reference_logits(
     weight: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """`softcap(hidden @ weight.T + bias) / temperature`, materialised, in the inputs' dtype."""
+    """`softcap(hidden @ weight.T + bias) / temperature`, materialised, in the inputs' dtype.
+
+    temperature: a float, or a tensor shaped like hidden[..., 0] (one divisor per row of logits).
+    """
     u = hidden @ weight.T
     if bias is not None:
         u = u + bias
     if softcap is not None:
         u = softcap * torch.tanh(u / softcap)
+    if isinstance(temperature, torch.Tensor) and temperature.dim():
+        return u / temperature.to(u.dtype).unsqueeze(-1)
     return u / temperature
 
 
@@ -34,26 +39,34 @@ def reference_logprobs(
     targets: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     softcap: float | None = None,
     ignore_index: int = IGNORE_INDEX,
     moments: bool = False,
 ) -> TokenStats | tuple[torch.Tensor, ...]:
     """log_softmax(logits)[targets] and the softmax entropy, with ignored rows set to 0.
 
+    temperature: a float or a per-token tensor shaped like targets (the divisor of each row's logits).
+    Logits of -inf are allowed (p log p = 0 there, in values and gradients); a target whose logit is -inf
+    has log-prob -inf.
+
     With `moments=True` returns (logprobs, entropy, sum_v p^2, sum_v p^2 log p) instead of a TokenStats.
     """
+    valid = targets.long() != ignore_index
+    if isinstance(temperature, torch.Tensor) and temperature.dim():  # per token; ignored ones: anything
+        temperature = torch.where(valid, temperature, torch.ones_like(temperature))
     z = reference_logits(hidden, weight, bias=bias, temperature=temperature, softcap=softcap)
     logp = torch.log_softmax(z, dim=-1)
-    valid = targets != ignore_index
     safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
     lp = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     p = logp.exp()
-    ent = -(p * logp).sum(-1)
+    # 0 log 0 = 0: a -inf logit (a masked vocabulary entry) adds nothing, and no NaN reaches the gradients
+    logp_finite = torch.where(p > 0, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+    ent = -(p * logp_finite).sum(-1)
     zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
     lp = torch.where(valid, lp, zero)
     ent = torch.where(valid, ent, zero)
     if not moments:
         return TokenStats(lp, ent)
     p2 = p * p
-    return lp, ent, torch.where(valid, p2.sum(-1), zero), torch.where(valid, (p2 * logp).sum(-1), zero)
+    return lp, ent, torch.where(valid, p2.sum(-1), zero), torch.where(valid, (p2 * logp_finite).sum(-1), zero)

@@ -21,10 +21,17 @@ all-reduces it (SUM, N_valid x H fp32) inside its backward, so every rank's repl
 the full gradient, exactly as without the split. Pass VocabParallel(..., reduce_grad_hidden=False) when the
 caller reduces it (e.g. sequence parallelism, where the all-gather that replicated the hidden states
 reduce-scatters the gradient in its own backward).
+A LoRA adapter on the head (`lora_a`, `lora_b`): lora_b [V_r, r] is split by rows with the weight and lora_a
+[r, H] is replicated. Each rank adds its rows' term scale (h A^T) B_r^T to its logits; in the backward
+d_lora_b is complete locally, g = du B_r is the shard's part of d(hA), so d_lora_a = scale g^T h is a partial
+sum that the op always all-reduces (SUM, r x H fp32): lora_a, like a replicated parameter, gets its full
+gradient on every rank. The adapter's part of d_hidden, scale g A, is added to the shard's partial d_hidden
+and reduced with it, by the op or, with reduce_grad_hidden=False, by the caller, as for the weight's part.
 
 Checks: each call all-gathers a dozen int64 per rank (one host sync) and raises the same error on every rank
 (so no rank is left waiting in a collective) when the shards do not tile [0, V) exactly, N, H, targets,
-temperature, softcap, dtype or bias presence differ across ranks, the group is not the one the weight was
+temperature (a float, or a per-token tensor's values on the scored tokens, through a checksum), softcap,
+dtype or bias presence differ across ranks, the group is not the one the weight was
 split over (overlapping or missing rows), or a target lies outside [0, V) (owned by no rank). With
 `fused_rlvr.set_target_check(False)` the gather is skipped and the layout trusted (no host sync).
 """
@@ -90,6 +97,12 @@ class VocabShard:
         dist.all_reduce(rest, op=dist.ReduceOp.SUM, group=self.process_group)
         return torch.cat([big_m.unsqueeze(0), rest])
 
+    def all_reduce_replicated_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """Sum (in place) the shards' partial gradients of a tensor replicated on every rank (a LoRA factor
+        A of the head): every rank then holds the full gradient, whatever reduce_grad_hidden says."""
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=self.process_group)
+        return grad
+
     def all_reduce_grad_hidden(self, grad: torch.Tensor) -> torch.Tensor:
         """Sum the shards' partial d_hidden (in place) unless the caller reduces it."""
         if self.reduce_grad_hidden:
@@ -110,13 +123,21 @@ def _as_group(process_group):
 
 
 # meta row fields, one int64 each
-_ERR, _START, _SIZE, _N, _H, _VALID, _SUM, _LO, _HI, _CFG, _GRAD = range(11)
+_ERR, _START, _SIZE, _N, _H, _VALID, _SUM, _LO, _HI, _CFG, _GRAD, _VALUES, _REPLICATED = range(13)
 
 
-def _local_meta(ok: bool, vocab_start, hidden, weight, targets, ignore_index, config) -> torch.Tensor:
+def _checksum_bits(values: torch.Tensor) -> torch.Tensor:
+    """An order-sensitive float64 checksum of a 1-D tensor, as the int64 of its bits (exact comparison)."""
+    mix = (torch.arange(values.numel(), device=values.device) % 8191 + 1).double()
+    return (values.double() * mix).sum().view(torch.int64)
+
+
+def _local_meta(
+    ok: bool, vocab_start, hidden, weight, targets, ignore_index, config, token_values, replicated
+) -> torch.Tensor:
     device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
     head = torch.zeros(_VALID, dtype=torch.int64)
-    tail = torch.zeros(_GRAD + 1 - _VALID, dtype=torch.int64, device=device)
+    tail = torch.zeros(_REPLICATED + 1 - _VALID, dtype=torch.int64, device=device)
     if not ok:
         head[_ERR] = 1
         return torch.cat([head.to(device), tail])
@@ -134,6 +155,11 @@ def _local_meta(ok: bool, vocab_start, hidden, weight, targets, ignore_index, co
         tail[_HI - _VALID] = torch.where(valid, t, -1).max()
     tail[_CFG - _VALID] = zlib.crc32(repr(config).encode())
     tail[_GRAD - _VALID] = int(torch.is_grad_enabled() and hidden.requires_grad)
+    if token_values is not None and tuple(token_values.shape) == tuple(targets.shape) and t.numel():
+        # per-token values (a per-token temperature) of the scored tokens; ignored ones may differ
+        tail[_VALUES - _VALID] = _checksum_bits(torch.where(valid, token_values.reshape(-1).double(), 0.0))
+    if replicated is not None and replicated.numel():
+        tail[_REPLICATED - _VALID] = _checksum_bits(replicated.detach().reshape(-1).to(device))
     return torch.cat([head.to(device), tail])
 
 
@@ -145,10 +171,15 @@ def vocab_shard(
     ignore_index: int,
     *,
     local_check: Callable[[], tuple[Any, Any]],
+    token_values: Optional[torch.Tensor] = None,
+    replicated: Optional[torch.Tensor] = None,
 ) -> tuple[Any, VocabShard]:
     """Run `local_check` (-> (result, config)) and resolve this rank's shard; raise on every rank alike.
 
-    `config` is anything whose repr must agree across ranks (temperature, softcap, dtype, ...).
+    `config` is anything whose repr must agree across ranks (temperature, softcap, dtype, ...);
+    `token_values` a per-token tensor shaped like targets (a per-token temperature) whose values on the
+    scored tokens must agree too (compared through a checksum); `replicated` a tensor that every rank must
+    hold the same copy of (a LoRA factor A of the head; compared through a checksum).
     """
     if not isinstance(options, VocabParallel):
         raise TypeError(
@@ -189,7 +220,9 @@ def vocab_shard(
         # hot path: the layout is trusted, nothing is gathered (no host sync)
         return result, VocabShard(group, vocab_start, weight.shape[0], -1, rank, world, reduce_grad_hidden)
 
-    meta = _local_meta(error is None, vocab_start, hidden, weight, targets, ignore_index, config)
+    meta = _local_meta(
+        error is None, vocab_start, hidden, weight, targets, ignore_index, config, token_values, replicated
+    )
     gathered = [torch.empty_like(meta) for _ in range(world)]
     dist.all_gather(gathered, meta, group=group)
     rows = torch.stack(gathered).tolist()
@@ -216,8 +249,20 @@ def vocab_shard(
         )
     if differ(_CFG):
         raise ValueError(
-            f"temperature, softcap, ignore_index, dtype or bias presence differ across the "
-            f"ranks of vocab_parallel.group (this is rank {rank} with {config!r})"
+            f"temperature, softcap, ignore_index, dtype, bias presence or the LoRA adapter (rank, scale, "
+            f"dtype, whether lora_a requires grad) differ across the ranks of vocab_parallel.group (this is "
+            f"rank {rank} with {config!r})"
+        )
+    if differ(_REPLICATED):
+        raise ValueError(
+            "lora_a differs across the ranks of vocab_parallel.group: the LoRA factor A of a "
+            "vocabulary-parallel head is replicated (the same [r, H] tensor on every rank; lora_b is split "
+            "by rows as the weight)"
+        )
+    if differ(_VALUES):
+        raise ValueError(
+            "the per-token temperature differs across the ranks of vocab_parallel.group (compared on "
+            "the scored tokens): every rank needs the same temperature tensor"
         )
     if differ(_VALID, _SUM, _LO, _HI):
         counts = ", ".join(f"rank {r}: {row[_VALID]}" for r, row in enumerate(rows))

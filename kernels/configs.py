@@ -87,3 +87,12 @@ def bucket_tokens(n: int) -> int:
     while b < n:
         b *= 2
     return b
+
+
+# Numerics shared by the Triton kernels and the chunked torch path (-inf logits: masked vocabulary entries).
+# The running max is floored here, so a row whose logits so far are all -inf keeps a finite max and
+# exp(z - max) = 0 (never exp(-inf + inf)).
+MAX_FLOOR = -3.4028234663852886e38  # -FLT_MAX
+# log p is floored here where it multiplies p in the entropy gradient: p = exp(log p) is exactly 0 in fp32
+# below about -103.3, so the floor changes no value and turns 0 * (-inf) into 0.
+LOGP_FLOOR = -200.0

@@ -44,7 +44,19 @@ def _backend(name):
 
 
 def _kw(case):
-    return dict(LP_CASES[case]["kw"], backend=_backend(LP_CASES[case]["kw"]["backend"]))
+    kw = dict(LP_CASES[case]["kw"], backend=_backend(LP_CASES[case]["kw"]["backend"]))
+    if LP_CASES[case].get("token_temperature"):
+        kw["temperature"] = _token_temperature(case)
+    return kw
+
+
+def _token_temperature(case, rank=0):
+    """A per-token temperature shaped like the case's targets; each rank writes its own (different) value
+    on the ignored tokens, where any value is allowed."""
+    _, _, targets, _, _, _ = _lp_problem(case)
+    g = torch.Generator().manual_seed(7)
+    temp = (0.4 + torch.rand(targets.shape, generator=g)).to(DEVICE)
+    return torch.where(targets == -100, -1.0 - rank, temp)
 
 
 # name -> problem; `starts` None: rank-ordered shards [0, 20), [20, 37), else each rank's vocab_start
@@ -86,6 +98,51 @@ LP_CASES = {
         starts=None,
         kw=dict(temperature=0.9, softcap=4.0, backend="triton"),
     ),
+    # rank 1's whole shard masked (bias -inf): its partials hold no mass for any row
+    "torch_masked_shard": dict(
+        lead=(3, 6), h=16, bias=True, ignore=0.2, starts=None, mask_shard=True, kw=dict(backend="torch")
+    ),
+    "triton_masked_shard": dict(
+        lead=(12,), h=16, bias=True, ignore=0.0, starts=None, mask_shard=True, kw=dict(backend="triton")
+    ),
+    "torch_token_temperature": dict(
+        lead=(4, 5),
+        h=16,
+        bias=True,
+        ignore=0.3,
+        starts=None,
+        token_temperature=True,
+        kw=dict(backend="torch"),
+    ),
+    # a LoRA adapter on the head: lora_b split by rows with the weight, lora_a replicated
+    "torch_lora": dict(
+        lead=(4, 6),
+        h=16,
+        bias=True,
+        ignore=0.3,
+        starts=None,
+        lora=3,
+        kw=dict(temperature=0.7, backend="torch"),
+    ),
+    "triton_lora_token_temperature": dict(
+        lead=(10,),
+        h=16,
+        bias=True,
+        ignore=0.2,
+        starts=(17, 0),
+        lora=2,
+        token_temperature=True,
+        kw=dict(softcap=4.0, backend="triton"),
+    ),
+    "triton_token_temperature_softcap": dict(
+        lead=(10,),
+        h=16,
+        bias=False,
+        ignore=0.2,
+        starts=(17, 0),
+        token_temperature=True,
+        kw=dict(softcap=4.0, backend="triton"),
+    ),
 }
 
 
@@ -109,17 +166,42 @@ def _lp_problem(case, seed=1):
         ignore_frac=c["ignore"],
         lead=c["lead"],
     )
+    if c.get("mask_shard"):  # -inf logits on rows [20, 37), targets in [0, 20)
+        bias[SPLIT[0] :] = float("-inf")
+        targets = torch.where(targets == -100, targets, targets % SPLIT[0])
     g = torch.Generator().manual_seed(seed + 100)
     g_lp = torch.randn(c["lead"], generator=g)
     g_ent = None if c.get("no_entropy") else torch.randn(c["lead"], generator=g)
     return [None if t is None else t.to(DEVICE) for t in (hidden, weight, targets, bias, g_lp, g_ent)]
 
 
-def _run_lp(hidden, weight, targets, bias, g_lp, g_ent, op=F.linear_logprobs, **kw):
+def _lora_factors(case):
+    """(lora_a [r, H], lora_b [V, r]) of a case with an adapter (seeded: the same on every rank)."""
+    c = LP_CASES[case]
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(c["lora"], c["h"], generator=g) * 0.4
+    b = torch.randn(V, c["lora"], generator=g) * 0.4
+    dtype = c.get("dtype", torch.float32)
+    return a.to(DEVICE, dtype), b.to(DEVICE, dtype)
+
+
+LORA_SCALE = 1.5
+
+
+def _run_lp(hidden, weight, targets, bias, g_lp, g_ent, op=F.linear_logprobs, lora=None, **kw):
+    """Outputs and gradients; `lora` = (lora_a, lora_b) adds d_lora_a / d_lora_b (the reference op gets
+    the merged weight W + scale B A, differentiable w.r.t. both factors)."""
     leaves = [hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()]
     if bias is not None:
         leaves.append(bias.detach().clone().requires_grad_())
-    lp, ent = op(leaves[0], leaves[1], targets, bias=leaves[2] if bias is not None else None, **kw)
+    w = leaves[1]
+    if lora is not None:
+        lora = [t.detach().clone().requires_grad_() for t in lora]
+        if op is reference_logprobs:
+            w = w + LORA_SCALE * lora[1] @ lora[0]
+        else:
+            kw = dict(kw, lora_a=lora[0], lora_b=lora[1], lora_scale=LORA_SCALE)
+    lp, ent = op(leaves[0], w, targets, bias=leaves[2] if bias is not None else None, **kw)
     loss = (lp.double() * g_lp.double()).sum()
     if g_ent is not None:
         loss = loss + (ent.double() * g_ent.double()).sum()
@@ -129,6 +211,8 @@ def _run_lp(hidden, weight, targets, bias, g_lp, g_ent, op=F.linear_logprobs, **
         out["entropy"] = ent.detach()
     if bias is not None:
         out["d_bias"] = leaves[2].grad
+    if lora is not None:
+        out["d_lora_a"], out["d_lora_b"] = lora[0].grad, lora[1].grad
     return out
 
 
@@ -255,6 +339,12 @@ def _rank_lp(case, rank, group):
     hidden, weight, targets, bias, g_lp, g_ent = _lp_problem(case)
     start, size = _shard(rank, LP_CASES[case]["starts"])
     kw = dict(_kw(case), vocab_parallel=F.VocabParallel(group, start))
+    if LP_CASES[case].get("token_temperature"):  # differs across ranks on the ignored tokens only
+        kw["temperature"] = _token_temperature(case, rank)
+    lora = None
+    if LP_CASES[case].get("lora"):  # lora_b: this rank's rows, as the weight; lora_a: replicated
+        a, b = _lora_factors(case)
+        lora = (a, b[start : start + size])
     return _run_lp(
         hidden,
         weight[start : start + size],
@@ -262,6 +352,7 @@ def _rank_lp(case, rank, group):
         None if bias is None else bias[start : start + size],
         g_lp,
         g_ent,
+        lora=lora,
         **kw,
     )
 
@@ -296,6 +387,27 @@ def _rank_partial_dh(rank, group):
     )
 
 
+def _rank_partial_dh_lora(rank, group):
+    """reduce_grad_hidden=False with an adapter: d_hidden (the adapter's part included) stays partial,
+    d_lora_a is complete on every rank."""
+    case = "torch_lora"
+    hidden, weight, targets, bias, g_lp, g_ent = _lp_problem(case)
+    start, size = _shard(rank, None)
+    a, b = _lora_factors(case)
+    return _run_lp(
+        hidden,
+        weight[start : start + size],
+        targets,
+        bias[start : start + size],
+        g_lp,
+        g_ent,
+        lora=(a, b[start : start + size]),
+        temperature=0.7,
+        backend=_backend("torch"),
+        vocab_parallel=F.VocabParallel(group, start, reduce_grad_hidden=False),
+    )
+
+
 def _rank_loss(kind, rank, group):
     p = _loss_problem()
     start, size = _shard(rank, None)
@@ -318,6 +430,7 @@ def _error_call(
     weight_fn=None,
     temperature=1.0,
     full_weight=False,
+    lora_fn=None,
 ):
     hidden, weight, targets, bias, _, _ = _lp_problem("torch_bias_temperature_ignored")
     start, size = _shard(rank, None)
@@ -329,6 +442,7 @@ def _error_call(
         hidden = hidden_fn(rank, hidden)
     if weight_fn is not None:
         w = weight_fn(rank, w)
+    lora = {} if lora_fn is None else lora_fn(rank, hidden.shape[-1], w.shape[0])
     F.linear_logprobs(
         hidden,
         w,
@@ -336,7 +450,16 @@ def _error_call(
         temperature=temperature,
         backend=_backend("torch"),
         vocab_parallel=F.VocabParallel(group, vocab_start),
+        **lora,
     )
+
+
+def _scored_temperature(value_at_0):
+    """Ones shaped like the error cases' targets, `value_at_0` at the first scored token."""
+    _, _, targets, _, _, _ = _lp_problem("torch_bias_temperature_ignored")
+    temp = torch.ones(targets.shape, device=targets.device)
+    temp.view(-1)[int((targets.view(-1) != -100).nonzero()[0])] = value_at_0
+    return temp
 
 
 def _set_target(t, value):
@@ -354,8 +477,25 @@ ERROR_CASES = {
     "targets_differ": dict(targets_fn=lambda r, t: _set_target(t, 5 + r)),
     "hidden_rows_differ": dict(hidden_fn=lambda r, h: h[: 3 + r], targets_fn=lambda r, t: t[: 3 + r]),
     "temperature_differs": dict(),  # temperature set per rank below
+    "token_temperature_differs": dict(),  # a per-token temperature, one scored token differs (below)
+    "float_vs_token_temperature": dict(),  # rank 0 a float, rank 1 a tensor (below)
     "local_error_on_rank_1": dict(weight_fn=lambda r, w: w.double() if r == 1 else w),
     "full_weight_on_every_rank": dict(full_weight=True),
+    "lora_a_differs": dict(
+        lora_fn=lambda r, h, v: dict(
+            lora_a=torch.full((2, h), 0.1 * (1 + r), device=DEVICE), lora_b=torch.ones(v, 2, device=DEVICE)
+        )
+    ),
+    "lora_rank_differs": dict(
+        lora_fn=lambda r, h, v: dict(
+            lora_a=torch.ones(2 + r, h, device=DEVICE), lora_b=torch.ones(v, 2 + r, device=DEVICE)
+        )
+    ),
+    "lora_on_one_rank": dict(
+        lora_fn=lambda r, h, v: (
+            dict(lora_a=torch.ones(2, h, device=DEVICE), lora_b=torch.ones(v, 2, device=DEVICE)) if r else {}
+        )
+    ),
 }
 
 
@@ -409,6 +549,7 @@ def _worker(rank, init_file, out_dir, device):
     record("moments", lambda: _rank_moments(rank, group))
     record("verl_tp", lambda: _rank_verl(rank, group))
     record("partial_d_hidden", lambda: _rank_partial_dh(rank, group))
+    record("partial_d_hidden_lora", lambda: _rank_partial_dh_lora(rank, group))
     record("grpo", lambda: _rank_loss("grpo", rank, group))
     record("pacs", lambda: _rank_loss("pacs", rank, group))
     record("grpo_module", lambda: _rank_loss("grpo_module", rank, group))
@@ -417,6 +558,10 @@ def _worker(rank, init_file, out_dir, device):
         spec = dict(spec)
         if name == "temperature_differs":
             spec["temperature"] = 1.0 + rank
+        if name == "token_temperature_differs":
+            spec["temperature"] = _scored_temperature(0.5 + 0.25 * rank)
+        if name == "float_vs_token_temperature":
+            spec["temperature"] = 0.7 if rank == 0 else _scored_temperature(0.7)
         record("error_" + name, lambda spec=spec: _error_call(rank, group, **spec))
     # a group that is not the one the weight was split over: rank 0 alone, rank 1 not a member
     solo = dist.new_group([0])
@@ -479,7 +624,7 @@ def _ok(ranks, name):
 def _compare(dist_out, single, starts, tol):
     """Replicated outputs equal on every rank; weight/bias gradients concatenated over the shards."""
     for key, ref in single.items():
-        if key in ("d_weight", "d_bias"):
+        if key in ("d_weight", "d_bias", "d_lora_b"):
             got = torch.empty_like(ref)
             for r, out in enumerate(dist_out):
                 start, size = _shard(r, starts)
@@ -496,13 +641,14 @@ def _compare(dist_out, single, starts, tol):
 @pytest.mark.parametrize("case", list(LP_CASES))
 def test_vocab_parallel_equals_single_process(ranks, case):
     hidden, weight, targets, bias, g_lp, g_ent = _lp_problem(case)
-    single = _run_lp(hidden, weight, targets, bias, g_lp, g_ent, **LP_CASES[case]["kw"])
+    lora = _lora_factors(case) if LP_CASES[case].get("lora") else None
+    single = _run_lp(hidden, weight, targets, bias, g_lp, g_ent, lora=lora, **_kw(case))
     bf16 = LP_CASES[case].get("dtype") == torch.bfloat16
     # fp32: only the order of the vocabulary sums differs (observed <= 2.5e-7); bf16: one ulp of the
     # bf16 gradients at most (observed: equal)
     _compare(_ok(ranks, case), single, LP_CASES[case]["starts"], 4e-3 if bf16 else 1e-6)
     if not bf16:  # and the float64 ground truth, as for the single-process op
-        kw = {k: v for k, v in LP_CASES[case]["kw"].items() if k in ("temperature", "softcap")}
+        kw = {k: v for k, v in _kw(case).items() if k in ("temperature", "softcap")}
         truth = _run_lp(
             hidden.double(),
             weight.double(),
@@ -511,6 +657,7 @@ def test_vocab_parallel_equals_single_process(ranks, case):
             g_lp,
             g_ent,
             op=reference_logprobs,
+            lora=None if lora is None else tuple(t.double() for t in lora),
             **kw,
         )
         if g_ent is None:
@@ -542,6 +689,17 @@ def test_partial_d_hidden_without_reduce(ranks):
     assert rel_err(parts[0] + parts[1], full) <= 1e-6
 
 
+def test_partial_d_hidden_with_lora(ranks):
+    """reduce_grad_hidden=False: the partial d_hidden (the adapter's term scale g A included) sums to the
+    full one over the ranks; d_lora_a (A replicated) is the full gradient on every rank."""
+    full = _ok(ranks, "torch_lora")[0]
+    parts = _ok(ranks, "partial_d_hidden_lora")
+    assert rel_err(parts[0]["d_hidden"], full["d_hidden"]) > 1e-2
+    assert rel_err(parts[0]["d_hidden"] + parts[1]["d_hidden"], full["d_hidden"]) <= 1e-6
+    for out in parts:
+        assert rel_err(out["d_lora_a"], full["d_lora_a"]) <= 1e-6
+
+
 @pytest.mark.parametrize("kind", ["grpo", "pacs"])
 def test_losses_through_vocab_parallel(ranks, kind):
     p = _loss_problem()
@@ -571,8 +729,13 @@ ERROR_EXPECTATIONS = [  # (case, error type per rank, fragments of the messages)
     ("targets_differ", ("ValueError",) * 2, ["targets differ across the ranks"]),
     ("hidden_rows_differ", ("ValueError",) * 2, ["rank 0: N=18 rows", "rank 1: N=24 rows"]),
     ("temperature_differs", ("ValueError",) * 2, ["temperature, softcap"]),
+    ("token_temperature_differs", ("ValueError",) * 2, ["per-token temperature differs across the ranks"]),
+    ("float_vs_token_temperature", ("ValueError",) * 2, ["temperature, softcap"]),
     ("local_error_on_rank_1", ("RuntimeError", "TypeError"), ["failed on rank(s) [1]", "weight dtype"]),
     ("full_weight_on_every_rank", ("ValueError",) * 2, ["overlap", "is vocab_parallel.group the group"]),
+    ("lora_a_differs", ("ValueError",) * 2, ["lora_a differs across the ranks"]),
+    ("lora_rank_differs", ("ValueError",) * 2, ["the LoRA adapter"]),
+    ("lora_on_one_rank", ("ValueError",) * 2, ["the LoRA adapter"]),
     ("subgroup", ("ValueError",) * 2, ["is owned by no rank", "not a member of vocab_parallel.group"]),
 ]
 
@@ -625,7 +788,8 @@ def test_gpu_vocab_parallel_equals_single_process(gpu_ranks, case):
             single, starts, bf16 = _run_loss(case, p, p["weight"], p["bias"]), None, False
         else:
             hidden, weight, targets, bias, g_lp, g_ent = _lp_problem(case)
-            single = _run_lp(hidden, weight, targets, bias, g_lp, g_ent, **_kw(case))
+            lora = _lora_factors(case) if LP_CASES[case].get("lora") else None
+            single = _run_lp(hidden, weight, targets, bias, g_lp, g_ent, lora=lora, **_kw(case))
             starts, bf16 = LP_CASES[case]["starts"], LP_CASES[case].get("dtype") == torch.bfloat16
     # fp32 kernels use IEEE dots; the split of the vocabulary over programs differs from the shards'
     _compare(_ok(gpu_ranks, case), single, starts, 1e-2 if bf16 else 1e-5)

@@ -160,3 +160,14 @@ def test_dpo_errors_name_the_argument():
         sequence_logprobs(hidden, weight, targets, mask[:, :2], backend="torch")
     with pytest.raises(ValueError, match=r"hidden must be \[B, T, H\]"):
         sequence_logprobs(hidden[0], weight, targets[0], mask[0], backend="torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uint8_targets_masked_tokens_stay_masked(backend):
+    """Masked tokens become ignore_index in int64: in uint8 the -100 would read as id 156 (out of range)."""
+    hidden, _, _, mask, _, _ = _batch(seed=4)
+    weight = torch.randn(120, H)
+    targets = torch.randint(0, 120, (2 * P, T), dtype=torch.uint8)
+    got = sequence_logprobs(hidden, weight, targets, mask, backend=backend)
+    want = ref_sequence_logprobs(hidden.double(), weight.double(), targets.long(), mask)
+    assert rel_err(got, want) < 1e-5

@@ -104,6 +104,28 @@ def test_sequence_token_stats_match_model_logits(arch):
         assert rel_err(g_ours[name], g_ref[name]) < 1e-5, name  # observed <= 8e-7 (fp32)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ["llama", "gemma2-softcap"])
+def test_per_token_temperature_aligned_with_the_outputs(arch, backend):
+    """temperature [B, T-1]: temperature[b, t] divides the logits that score input_ids[b, t + 1]."""
+    ours = _model(arch).float().eval()
+    ref = copy.deepcopy(ours)
+    ids, attn, resp = _batch()
+    g = torch.Generator().manual_seed(5)
+    temperature = 0.4 + torch.rand(ids.shape[0], ids.shape[1] - 1, generator=g)
+    temperature[resp[:, 1:] == 0] = float("nan")  # unscored positions: any value
+    g_lp, g_ent = torch.randn(3, 10, generator=g), torch.randn(3, 10, generator=g)
+    lp, ent = sequence_token_stats(ours, ids, attn, resp, temperature=temperature, backend=backend)
+    ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+    safe = torch.where(resp[:, 1:] > 0, temperature, 1.0)
+    r_lp, r_ent = _reference(ref, ids, attn, resp, safe[..., None])
+    ((r_lp * g_lp).sum() + (r_ent * g_ent).sum()).backward()
+    assert rel_err(lp, r_lp) < 1e-5 and rel_err(ent, r_ent) < 1e-5
+    g_ours, g_ref = _grads(ours), _grads(ref)
+    for name in g_ref:
+        assert rel_err(g_ours[name], g_ref[name]) < 1e-5, name
+
+
 def test_lm_head_reads_bias_softcap_and_tied_weight():
     gemma = _model("gemma2-softcap")
     head = lm_head(gemma)
@@ -211,11 +233,161 @@ class _FakeLoraLinear(nn.Module):
         return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x))
 
 
-def test_error_with_peft_adapter_on_lm_head():
+def test_error_with_an_unknown_adapter_layer_on_lm_head():
+    """A layer shaped like an adapter but not PEFT's LoRA Linear is refused, not scored as a plain head."""
     model = _model("llama")
     model.lm_head = _FakeLoraLinear(model.lm_head)
-    with pytest.raises(ValueError, match="lm-head of LlamaForCausalLM carries a PEFT adapter"):
+    with pytest.raises(
+        NotImplementedError, match="lm-head of LlamaForCausalLM carries a PEFT _FakeLoraLinear"
+    ):
         lm_head(model)
+
+
+# --- PEFT LoRA on the lm-head, fused ------------------------------------------------------------------------
+
+peft = pytest.importorskip("peft")
+
+
+def _peft(arch, *, target=("lm_head",), seed=0, **config):
+    """A PEFT LoRA model with random (non-zero) adapter factors, so that A and B both get gradients."""
+    torch.manual_seed(seed)
+    model = _model(arch).float()
+    cfg = dict(r=4, lora_alpha=12, lora_dropout=0.0, target_modules=list(target))
+    cfg.update(config)
+    pm = peft.get_peft_model(model, peft.LoraConfig(**cfg))
+    g = torch.Generator().manual_seed(seed + 1)
+    for name, p in pm.named_parameters():
+        if "lora_" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.3
+    return pm
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2-tied", "gemma2-softcap", "phi-bias"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_peft_lora_head_matches_the_peft_model(arch, backend):
+    """LoRA on lm_head (and q_proj): values and the gradients of every adapter factor equal PEFT's own
+    forward (materialised logits through peft's LoRA Linear)."""
+    ours = _peft(arch, target=("lm_head", "q_proj")).eval()
+    ref = copy.deepcopy(ours)
+    head = lm_head(ours)
+    assert head.lora is not None and head.lora.scale == 3.0 and head.lora.rank == 4
+    assert not head.weight.requires_grad  # PEFT freezes the base: no d_weight is computed
+    ids, attn, resp = _batch()
+    g = torch.Generator().manual_seed(3)
+    g_lp, g_ent = torch.randn(3, 10, generator=g), torch.randn(3, 10, generator=g)
+    lp, ent = sequence_token_stats(ours, ids, attn, resp, temperature=0.8, backend=backend)
+    ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+    r_lp, r_ent = _reference(ref, ids, attn, resp, 0.8)
+    ((r_lp * g_lp).sum() + (r_ent * g_ent).sum()).backward()
+    assert rel_err(lp, r_lp) < 1e-5 and rel_err(ent, r_ent) < 1e-5
+    g_ours, g_ref = _grads(ours), _grads(ref)
+    assert g_ours.keys() == g_ref.keys()
+    assert sum("lm_head.lora_A" in n for n in g_ref) == 1 and sum("lm_head.lora_B" in n for n in g_ref) == 1
+    for name in g_ref:
+        assert g_ref[name].abs().sum() > 0, name
+        assert rel_err(g_ours[name], g_ref[name]) < 1e-5, name
+
+
+def test_peft_head_op_kwargs_are_what_every_caller_passes():
+    pm = _peft("phi-bias")
+    head = lm_head(pm)
+    layer = pm.get_output_embeddings()
+    kw = head.op_kwargs()
+    assert kw["lora_a"] is layer.lora_A["default"].weight and kw["lora_b"] is layer.lora_B["default"].weight
+    assert kw["lora_scale"] == layer.scaling["default"] and kw["bias"] is layer.base_layer.bias
+    assert kw["softcap"] is None and head.weight is layer.base_layer.weight
+    assert set(lm_head(_model("llama")).op_kwargs()) == set(kw)  # the same keys without an adapter
+    assert lm_head(_model("llama")).op_kwargs()["lora_a"] is None
+
+
+def test_peft_disabled_and_merged_adapters_give_the_plain_head():
+    pm = _peft("llama").eval()
+    ids, attn, resp = _batch()
+    with pm.disable_adapter(), torch.no_grad():  # as TRL computes reference log-probs
+        assert lm_head(pm).lora is None
+        lp, _ = sequence_token_stats(pm, ids, attn, resp)
+        r_lp, _ = _reference(pm, ids, attn, resp, 1.0)
+    assert rel_err(lp, r_lp) < 1e-5
+    with torch.no_grad():
+        adapted, _ = sequence_token_stats(pm, ids, attn, resp)
+        pm.merge_adapter()
+        assert lm_head(pm).lora is None  # the update now lives in the weight
+        merged, _ = sequence_token_stats(pm, ids, attn, resp)
+        r_merged, _ = _reference(pm, ids, attn, resp, 1.0)
+    assert rel_err(adapted, r_lp) > 1e-3  # the adapter changes the scores
+    assert rel_err(merged, r_merged) < 1e-5 and rel_err(merged, adapted) < 1e-5
+
+
+def test_peft_lora_dropout_in_training_is_refused_and_fine_in_eval():
+    pm = _peft("llama", lora_dropout=0.1)
+    ids, attn, resp = _batch()
+    pm.train()
+    with pytest.raises(ValueError, match=r"applies lora_dropout=0.1 in training mode.*lora_dropout=0"):
+        sequence_token_stats(pm, ids, attn, resp)
+    pm.eval()
+    with torch.no_grad():
+        lp, _ = sequence_token_stats(pm, ids, attn, resp)
+        r_lp, _ = _reference(pm, ids, attn, resp, 1.0)
+    assert rel_err(lp, r_lp) < 1e-5
+    zero = _peft("llama", lora_dropout=0.0).train()  # p = 0: fine while training
+    assert lm_head(zero).lora is not None
+
+
+@pytest.mark.parametrize(
+    "build, pattern",
+    [
+        (lambda: _peft("llama", use_dora=True), r"is a DoRA adapter, not plain LoRA"),
+        (lambda: _peft("phi-bias", lora_bias=True), r"has lora_bias=True"),
+        (
+            lambda: peft.get_peft_model(
+                _model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+            ),
+            r"carries a PEFT ModulesToSaveWrapper.*not this PEFT layer type",
+        ),
+        (
+            lambda: peft.get_peft_model(
+                _model("llama"), peft.IA3Config(target_modules=["lm_head"], feedforward_modules=[])
+            ),
+            r"carries a PEFT Linear.*not this PEFT layer type",
+        ),
+    ],
+    ids=["dora", "lora_bias", "modules_to_save", "ia3"],
+)
+def test_peft_configurations_the_op_cannot_express_are_refused(build, pattern):
+    with pytest.raises(NotImplementedError, match=pattern):
+        lm_head(build())
+
+
+def test_peft_several_active_adapters_refused():
+    pm = _peft("llama")
+    pm.add_adapter("second", peft.LoraConfig(r=2, target_modules=["lm_head"]))
+    pm.base_model.set_adapter(["default", "second"])
+    with pytest.raises(NotImplementedError, match=r"2 active adapters \['default', 'second'\]"):
+        lm_head(pm)
+    pm.base_model.set_adapter("second")  # one active adapter: that one
+    assert lm_head(pm).lora.rank == 2
+
+
+def test_peft_fp32_adapter_under_bf16_autocast():
+    """Under autocast the head and its adapter are cast to the autocast dtype, as PEFT's own lora_A / lora_B
+    matmuls are; outside autocast an fp32 adapter stays fp32 (PEFT casts the input to it)."""
+    from fused_rlvr import linear_logprobs
+
+    pm = _peft("llama").eval()
+    ids, attn, resp = _batch()
+    head = lm_head(pm)
+    assert head.cast(torch.zeros(2, 32, dtype=torch.bfloat16))[1].lora.a.dtype == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        h16, head16 = head.cast(last_hidden_states(pm, ids, attn)[:, :-1])
+        assert {t.dtype for t in (h16, head16.weight, head16.lora.a, head16.lora.b)} == {torch.bfloat16}
+        lp, _ = sequence_token_stats(pm, ids, attn, resp)
+        r_lp, _ = _reference(pm, ids, attn, resp, 1.0)
+    with torch.no_grad():  # the op itself, on the bf16 copies, without autocast: the same numbers
+        want = linear_logprobs(h16, head16.weight, shifted_targets(ids, resp), **head16.op_kwargs())
+    assert torch.equal(lp, want.logprobs)
+    valid = resp[:, 1:] > 0
+    # against the model's own bf16 logits (another order of bf16 roundings): two bf16 ulps at |logit| <= 16
+    assert (lp[valid] - r_lp[valid]).abs().max() < 2 * 2**-7 * 16
 
 
 def test_error_with_non_linear_head():

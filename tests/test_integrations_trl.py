@@ -709,3 +709,156 @@ def test_moe_aux_loss_matches_trl(moe_pair, monkeypatch, loss_type):
         current_gradient_accumulation_steps=2,
     )
     assert logged["aux_loss"][0] > 0
+
+
+def test_add_fused_lm_head_per_token_temperature(model_dir):
+    """temperature= per call, a tensor aligned with labels[:, 1:]: the model's logits divided row by row."""
+    model = Qwen2ForCausalLM.from_pretrained(model_dir)
+    add_fused_lm_head(model, temperature=0.8, outputs=("log_probs", "entropy"))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 40, (3, 12), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    temp = 0.5 + torch.rand(3, 11, generator=g)
+    out = model(input_ids=ids, labels=labels, fused_lm_head=True, temperature=temp)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1].double() / temp.double()[..., None]
+    logp = logits.log_softmax(-1)
+    mask = labels[:, 1:] != -100
+    want_lp = torch.where(mask, logp.gather(-1, ids[:, 1:, None])[..., 0], 0.0)
+    want_ent = torch.where(mask, -(logp.exp() * logp).sum(-1), 0.0)
+    assert rel_err(out.log_probs, want_lp) < 1e-5 and rel_err(out.entropy, want_ent) < 1e-5
+    default = model(input_ids=ids, labels=labels, fused_lm_head=True)  # the patch-time float otherwise
+    scalar = model(input_ids=ids, labels=labels, fused_lm_head=True, temperature=torch.full((3, 11), 0.8))
+    assert rel_err(default.log_probs, scalar.log_probs) < 1e-6
+
+
+# --- a PEFT LoRA adapter on lm_head: trained through the fused op (TRL's own trainer refuses it) ----------
+
+
+def _lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["lm_head", "q_proj"])
+
+
+def _random_adapters(trainer):
+    """The same non-zero adapter factors in both trainers (PEFT starts B at 0, where dA vanishes)."""
+    for name, p in trainer.model.named_parameters():
+        if "lora_" in name:
+            g = torch.Generator().manual_seed(sum(map(ord, name)))
+            p.data = torch.randn(p.shape, generator=g) * 0.3
+
+
+def _materialised_fused_head(model, temperature):
+    """TRL's fused-head contract computed from the model's own logits (its lm_head module: PEFT's LoRA Linear),
+    materialised: the reference for TRL's loss code, whose own fused head reads lm_head.weight only."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    previous = model.forward
+
+    def forward(
+        self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kw
+    ):
+        if not fused_lm_head:
+            return previous(*args, labels=labels, **kw)
+        kw["use_cache"] = False
+        logits = type(self).forward(self, *args, **kw).logits[:, :-1].float() / temperature
+        targets = labels[:, 1:]
+        mask = targets != -100
+        logp = logits.log_softmax(-1)
+        lp = torch.where(mask, logp.gather(-1, targets.clamp_min(0)[..., None])[..., 0], 0.0)
+        ent = torch.where(mask, -(logp.exp() * logp).sum(-1), 0.0)
+        denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(loss=-lp.sum() / denom, log_probs=lp, entropy=ent, label_mask=mask)
+
+    import types
+
+    model.forward = types.MethodType(forward, model)
+
+
+def _lora_trainer(cls, model_dir, tmp_dir):
+    """`_trainer`'s configuration, with the adapter (a trainer argument, not a GRPOConfig field)."""
+    cfg = dict(
+        output_dir=tmp_dir,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        beta=0.04,
+        num_iterations=2,
+        loss_type="dapo",
+        seed=0,
+        bf16=False,
+        disable_tqdm=True,
+    )
+    trainer = cls(
+        model=model_dir,
+        reward_funcs=_reward,
+        args=GRPOConfig(**cfg),
+        train_dataset=Dataset.from_dict({"prompt": ["1+2=", "3+4=", "ab?", "cd?"]}),
+        processing_class=_tokenizer(),
+        peft_config=_lora_config(),
+    )
+    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def lora_pair(model_dir, tmp_path_factory):
+    import trl.trainer.grpo_trainer as grpo_module
+
+    tmp = str(tmp_path_factory.mktemp("out-lora"))
+    refusal = grpo_module.BaseTunerLayer
+    grpo_module.BaseTunerLayer = type("NotAnAdapter", (), {})  # TRL refuses an adapter on lm_head
+    try:
+        stock = _lora_trainer(GRPOTrainer, model_dir, tmp)
+    finally:
+        grpo_module.BaseTunerLayer = refusal
+    _materialised_fused_head(stock.model.get_base_model(), stock.temperature)
+    ours = _lora_trainer(FusedGRPOTrainer, model_dir, tmp)  # no refusal, no patching
+    for trainer in (stock, ours):
+        _random_adapters(trainer)
+    return stock, ours, _rollout(stock)
+
+
+@pytest.mark.parametrize("loss_type, beta", [("dapo", 0.04), ("grpo", 0.0), ("bnpo", 0.04)])
+def test_peft_lora_lm_head_matches_trl(lora_pair, monkeypatch, loss_type, beta):
+    """Loss and the gradients of every adapter factor (lm_head's A and B included) equal TRL's compute_loss
+    on the PEFT model's own head; the fused loss path runs (no fallback)."""
+    stock, ours, inputs = lora_pair
+    x = _perturbed(inputs, seed=5)
+    for trainer in (stock, ours):
+        for key, value in dict(loss_type=loss_type, beta=beta, current_gradient_accumulation_steps=2).items():
+            monkeypatch.setattr(trainer, key, value)
+        monkeypatch.setattr(trainer.args, "use_bias_correction_kl", False)
+    assert ours.fused_loss_path(x) == (True, "")
+    ref_loss, ref_grads = _loss_and_grads(stock, x)
+    loss, grads = _loss_and_grads(ours, x)
+    assert ref_loss.abs() > 1e-4
+    assert abs(loss.item() - ref_loss.item()) <= 2e-6 * abs(ref_loss.item()) + 1e-7, (loss, ref_loss)
+    trainable = {n for n, p in ours.model.named_parameters() if p.requires_grad}
+    assert grads.keys() == ref_grads.keys() == trainable
+    assert {n for n in trainable if "lm_head.lora_A" in n or "lm_head.lora_B" in n} and len(trainable) == 4
+    for name in ref_grads:
+        assert ref_grads[name].abs().sum() > 0, name
+        assert rel_err(grads[name], ref_grads[name]) < 1e-5, name
+
+
+def test_peft_lora_lm_head_no_logits(lora_pair, monkeypatch):
+    """With the adapter on the head, no [tokens, V] logits and no merged [V, H] weight exist (frozen base)."""
+    _, ours, inputs = lora_pair
+    monkeypatch.setenv("FUSED_RLVR_TORCH_CHUNK_BYTES", "4096")
+    x = _perturbed(inputs)
+    head = ours.model.get_base_model().lm_head
+    hook = head.register_forward_hook(_no_lm_head_call)
+    try:
+        with VocabGuard(V, V * H - 1) as guard:  # strictly smaller than the weight: no merged W + s B A
+            ours.compute_loss(ours.model, x).backward()
+    finally:
+        hook.remove()
+    assert 0 < guard.largest < V * H
+    assert head.lora_B["default"].weight.grad.abs().sum() > 0

@@ -310,3 +310,72 @@ def test_pacs_errors(name, override, exc, pattern):
     kw.update(override)
     with pytest.raises(exc, match=pattern):
         fused_rlvr.linear_pacs_loss(h, w, y, kw.pop("rewards"), m, kw.pop("group_ids"), **kw)
+
+
+def _steer_inputs(b=3, t=5):
+    g = torch.Generator().manual_seed(0)
+    lp = -torch.rand(b, t, generator=g) * 3
+    old = lp + 0.1 * torch.randn(b, t, generator=g)
+    ent = torch.rand(b, t, generator=g) * 2
+    adv = torch.randn(b, generator=g)
+    mask = torch.ones(b, t)
+    mask[0, 3:] = 0
+    return dict(logprobs=lp, old_logprobs=old, old_entropy=ent, advantages=adv, mask=mask)
+
+
+STEER_CASES = [  # broadcastable but wrong shapes, non-0/1 masks, bounds that give NaN, unknown modes
+    (
+        "old_logprobs [B, 1]",
+        dict(old_logprobs=torch.zeros(3, 1)),
+        ValueError,
+        r"old_logprobs must have shape",
+    ),
+    (
+        "old_entropy [T]",
+        dict(old_entropy=torch.zeros(5)),
+        ValueError,
+        r"old_entropy must have shape \(3, 5\)",
+    ),
+    ("mask [1, T]", dict(mask=torch.ones(1, 5)), ValueError, r"mask must have shape \(3, 5\)"),
+    ("advantages [B, 1]", dict(advantages=torch.zeros(3, 1)), ValueError, r"advantages must have shape"),
+    ("advantages [1]", dict(advantages=torch.zeros(1)), ValueError, r"advantages must have shape"),
+    ("logprobs 1-D", dict(logprobs=torch.zeros(15)), ValueError, r"logprobs must be \[B, T\]"),
+    (
+        "mask 0.5",
+        dict(mask=torch.full((3, 5), 0.5)),
+        ValueError,
+        r"mask must be boolean or hold only 0 and 1",
+    ),
+    (
+        "lambda_min negative",
+        dict(lambda_min=-0.5),
+        ValueError,
+        r"lambda_min must be a finite positive number",
+    ),
+    ("lambda_max inf", dict(lambda_max=float("inf")), ValueError, r"lambda_max must be a finite positive"),
+    ("lambda order", dict(lambda_min=0.9, lambda_max=0.8), ValueError, r"lambda_min \(0.9\) must not exceed"),
+    ("mode", dict(mode="log"), ValueError, r"mode must be one of 'exp', 'linear', 'exact'; got 'log'"),
+    (
+        "int logprobs",
+        dict(logprobs=torch.zeros(3, 5, dtype=torch.long)),
+        TypeError,
+        r"logprobs must be a float",
+    ),
+    (
+        "exact sum_p2 shape",
+        dict(
+            mode="exact", sum_p2=torch.zeros(3, 1), sum_p2_logp=torch.zeros(3, 5), entropy=torch.zeros(3, 5)
+        ),
+        ValueError,
+        r"sum_p2 must have shape \(3, 5\)",
+    ),
+    ("exact missing", dict(mode="exact"), ValueError, r"mode='exact' needs sum_p2, sum_p2_logp and entropy"),
+]
+
+
+@pytest.mark.parametrize("name,override,exc,pattern", STEER_CASES, ids=[c[0] for c in STEER_CASES])
+def test_steer_weights_errors(name, override, exc, pattern):
+    kw = _steer_inputs()
+    kw.update(override)
+    with pytest.raises(exc, match=pattern):
+        fused_rlvr.steer_weights(**kw)

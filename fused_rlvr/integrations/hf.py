@@ -9,22 +9,25 @@ causal LMs use: the hidden state at position t scores the token at t + 1.
     head = lm_head(model)
     hidden = last_hidden_states(model, input_ids, attention_mask)          # [B, T, H], final norm applied
     targets = input_ids[:, 1:].masked_fill(response_mask[:, 1:] == 0, -100)
-    lp, ent = linear_logprobs(hidden[:, :-1], head.weight, targets, bias=head.bias, softcap=head.softcap)
+    lp, ent = linear_logprobs(hidden[:, :-1], head.weight, targets, **head.op_kwargs())
 
-Models whose head does more than `softcap(h W^T + b)` (Cohere's `logit_scale`, Granite's `logits_scaling`, a
-PEFT adapter on the lm-head) are refused with an error naming the model class rather than scored wrongly.
+A PEFT LoRA adapter on the lm-head (`target_modules` including "lm_head") is read into the head and fused:
+logits = softcap(h W^T + scaling (h A^T) B^T + b), trained through the op's LoRA gradients. Models whose head
+does something else (Cohere's `logit_scale`, Granite's `logits_scaling`, DoRA or other PEFT variants, several
+active adapters, active LoRA dropout) are refused with an error naming the model class rather than scored
+wrongly.
 """
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 from torch import nn
 
 from fused_rlvr.linear_logprobs import linear_logprobs
+from fused_rlvr.lora import LoRA
 from fused_rlvr.types import IGNORE_INDEX, TokenStats
 
 # config attributes that rescale the logits in some model families; the fused op has no such term
@@ -33,40 +36,78 @@ _LOGIT_SCALES = ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_
 
 @dataclass(frozen=True)
 class LMHead:
-    """What the fused op needs from a model's output layer: logits = softcap(hidden @ weight.T + bias).
+    """What the fused op needs from a model's output layer:
+    logits = softcap(hidden @ weight.T + lora.scale * (hidden @ lora.a.T) @ lora.b.T + bias).
 
     The tensors are the model's own parameters (not copies), so gradients computed through them land in the
-    model's `.grad` fields; with tied embeddings `weight` is the input embedding matrix.
+    model's `.grad` fields; with tied embeddings `weight` is the input embedding matrix. `lora` is the active
+    PEFT LoRA adapter of the head (lora_A.weight, lora_B.weight, scaling), or None.
     """
 
     weight: torch.Tensor  # [V, H]
     bias: Optional[torch.Tensor]  # [V] or None
     softcap: Optional[float]  # e.g. Gemma-2's final_logit_softcapping, else None
+    lora: Optional[LoRA] = None
+
+    def op_kwargs(self) -> dict:
+        """The fused op's keyword arguments for this head: bias, softcap, lora_a, lora_b, lora_scale.
+
+        `fused_rlvr.linear_logprobs(hidden, head.weight, targets, **head.op_kwargs())` scores with this head;
+        the losses (`linear_grpo_loss`, `linear_pacs_loss`, DPO) take the same keywords.
+        """
+        lora = self.lora
+        return dict(
+            bias=self.bias,
+            softcap=self.softcap,
+            lora_a=None if lora is None else lora.a,
+            lora_b=None if lora is None else lora.b,
+            lora_scale=None if lora is None else lora.scale,
+        )
+
+    def cast(self, hidden: torch.Tensor, *, fp32: bool = False) -> tuple[torch.Tensor, LMHead]:
+        """(hidden, head) in the dtype the model's own head computes in, hidden on the head's device.
+
+        That dtype is the autocast dtype inside an autocast region, float32 with fp32=True (TRL's
+        cast_lm_head_to_fp32), else the weight's. Outside autocast a LoRA adapter keeps its own dtype (PEFT
+        casts the input to the adapter's dtype, e.g. fp32 adapters on a bf16 model).
+        """
+        dev = hidden.device.type
+        if fp32:
+            dtype = torch.float32
+        elif torch.is_autocast_enabled(dev):
+            dtype = torch.get_autocast_dtype(dev)
+        else:
+            dtype = None
+        hidden, weight, bias = _match_head_dtype(hidden, self.weight, self.bias, dtype)
+        lora = self.lora
+        if lora is not None and dtype is not None:
+            lora = replace(lora, a=lora.a.to(dtype), b=lora.b.to(dtype))
+        return hidden, replace(self, weight=weight, bias=bias, lora=lora)
 
     def token_stats(
         self,
         hidden: torch.Tensor,
         targets: torch.Tensor,
         *,
-        temperature: float = 1.0,
+        temperature: float | torch.Tensor = 1.0,
         ignore_index: int = IGNORE_INDEX,
         return_entropy: bool = True,
         backend: str = "auto",
     ) -> TokenStats:
-        """`fused_rlvr.linear_logprobs` of `targets` [...] given `hidden` [..., H] under this head."""
-        hidden, weight, bias = _match_head_dtype(hidden, self.weight, self.bias)
-        with _no_autocast(hidden.device):
-            return linear_logprobs(
-                hidden,
-                weight,
-                targets,
-                bias=bias,
-                temperature=temperature,
-                softcap=self.softcap,
-                ignore_index=ignore_index,
-                return_entropy=return_entropy,
-                backend=backend,
-            )
+        """`fused_rlvr.linear_logprobs` of `targets` [...] given `hidden` [..., H] under this head.
+
+        temperature: a float or a per-token tensor shaped like `targets`."""
+        hidden, head = self.cast(hidden)
+        return linear_logprobs(
+            hidden,
+            head.weight,
+            targets,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            return_entropy=return_entropy,
+            backend=backend,
+            **head.op_kwargs(),
+        )
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -86,10 +127,15 @@ def _text_config(model: nn.Module):
 def lm_head(model: nn.Module) -> LMHead:
     """The lm-head of a Hugging Face causal LM (or a PEFT model wrapping one) as an `LMHead`.
 
-    Raises a ValueError / TypeError naming the model class when the model has no output embedding, when the
-    head carries a PEFT adapter (LoRA on `lm_head`: its extra low-rank term is not part of the fused op), when
-    the head is not a plain linear layer with a floating-point [V, H] weight, or when the model rescales its
-    logits (Cohere's `logit_scale`, Granite's `logits_scaling`), which the fused op does not model.
+    A PEFT LoRA adapter on the head (peft.tuners.lora.Linear) becomes `LMHead.lora` when it is active: one
+    active adapter, plain LoRA (no DoRA or other variant, no lora_bias), not merged, and its dropout inactive
+    (p = 0 or the layer in eval mode). Disabled adapters (PEFT's disable_adapter(), which TRL uses for
+    reference log-probs) give the plain head; an adapter merged into the weight is already in it.
+    Raises a ValueError / TypeError / NotImplementedError naming the model class when the model has no output
+    embedding, when the head carries a PEFT layer or adapter configuration the fused op cannot express
+    (saying which and what to do), when the head is not a plain linear layer with a floating-point [V, H]
+    weight, or when the model rescales its logits (Cohere's `logit_scale`, Granite's `logits_scaling`).
+    The adapter's state is read on every call: call it where the head is used (as the integrations do).
     """
     inner = unwrap_model(model)
     name = type(inner).__name__
@@ -100,11 +146,13 @@ def lm_head(model: nn.Module) -> LMHead:
             f"{name} has no output embedding (get_output_embeddings() returned None): the fused log-probs "
             "need a causal LM with an lm-head, e.g. AutoModelForCausalLM rather than AutoModel"
         )
-    if hasattr(head, "lora_A") or hasattr(head, "base_layer"):
-        raise ValueError(
-            f"the lm-head of {name} carries a PEFT adapter ({type(head).__name__}): the fused op needs the "
-            "plain [V, H] weight. Remove 'lm_head' from the adapter's target_modules, or merge the adapter"
-        )
+    lora = None
+    if (
+        type(head).__module__.split(".")[0] == "peft"
+        or hasattr(head, "lora_A")
+        or hasattr(head, "base_layer")
+    ):
+        head, lora = _peft_lm_head(head, name)
     if not isinstance(head, nn.Linear):
         raise TypeError(
             f"the lm-head of {name} is a {type(head).__name__}, not a torch.nn.Linear: the fused op needs "
@@ -126,7 +174,69 @@ def lm_head(model: nn.Module) -> LMHead:
             )
     softcap = getattr(config, "final_logit_softcapping", None)
     softcap = float(softcap) if softcap else None
-    return LMHead(weight=weight, bias=head.bias, softcap=softcap)
+    return LMHead(weight=weight, bias=head.bias, softcap=softcap, lora=lora)
+
+
+def _peft_lm_head(layer: nn.Module, name: str) -> tuple[nn.Module, Optional[LoRA]]:
+    """(base linear layer, active LoRA adapter or None) of a PEFT layer on the lm-head of model `name`."""
+    where = f"the lm-head of {name} carries a PEFT {type(layer).__name__}"
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:
+        LoraLinear = None
+    if LoraLinear is None or not isinstance(layer, LoraLinear):
+        raise NotImplementedError(
+            f"{where}: the fused op reads a plain LoRA adapter (peft.tuners.lora.Linear) on the lm-head, not "
+            "this PEFT layer type. Remove 'lm_head' from the adapter's target_modules or modules_to_save, "
+            "or merge the adapter"
+        )
+    base = layer.get_base_layer()
+    if getattr(layer, "fan_in_fan_out", False):
+        raise NotImplementedError(f"{where} with fan_in_fan_out=True: the fused op needs a [V, H] weight")
+    if layer.disable_adapters:
+        if layer.merged:  # PEFT's forward would unmerge the weight before using it
+            raise NotImplementedError(
+                f"{where} with merged adapters while adapters are disabled: unmerge first (its forward "
+                "would subtract the merged update from the weight on the fly)"
+            )
+        return base, None
+    if layer.merged:
+        if any(a not in layer.merged_adapters for a in layer.active_adapters if a in layer.lora_A):
+            raise NotImplementedError(
+                f"{where} with adapters {layer.merged_adapters} merged and other active adapters unmerged: "
+                "merge all active adapters or none"
+            )
+        return base, None  # the merged update is part of the weight
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if not active:
+        return base, None
+    if len(active) > 1:
+        raise NotImplementedError(
+            f"{where} with {len(active)} active adapters {active}: the fused op takes one LoRA adapter; "
+            "activate one (set_adapter) or merge them"
+        )
+    adapter = active[0]
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    if variant is not None or getattr(layer, "use_dora", {}).get(adapter, False):
+        kind = "DoRA" if getattr(layer, "use_dora", {}).get(adapter, False) else type(variant).__name__
+        raise NotImplementedError(
+            f"{where}: adapter {adapter!r} is a {kind} adapter, not plain LoRA (u = h W^T + s h A^T B^T): "
+            "the fused op computes plain LoRA only. Remove 'lm_head' from target_modules or merge the adapter"
+        )
+    if getattr(layer, "lora_bias", {}).get(adapter, False):
+        raise NotImplementedError(
+            f"{where}: adapter {adapter!r} has lora_bias=True (a bias on lora_B), which the fused op does "
+            "not add; merge the adapter or train without lora_bias"
+        )
+    dropout = layer.lora_dropout[adapter]
+    p = float(getattr(dropout, "p", 0.0))
+    if p > 0 and dropout.training:
+        raise ValueError(
+            f"{where}: adapter {adapter!r} applies lora_dropout={p} in training mode, which the fused op "
+            "does not do. Set lora_dropout=0 for an adapter on the lm-head, or call model.eval()"
+        )
+    a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    return base, LoRA(a=a, b=b, scale=float(layer.scaling[adapter]))
 
 
 def _backbone(model: nn.Module) -> nn.Module:
@@ -169,29 +279,22 @@ def last_hidden_states(
     return hidden
 
 
-def _match_head_dtype(hidden, weight, bias):
-    """Cast to the dtype the model's own lm-head matmul would use (the autocast dtype under autocast)."""
-    dev = hidden.device.type
-    if torch.is_autocast_enabled(dev):
-        dtype = torch.get_autocast_dtype(dev)
-    else:
-        dtype = weight.dtype
+def _match_head_dtype(hidden, weight, bias, dtype=None):
+    """Cast to `dtype`, by default the dtype the model's own lm-head matmul would use (the autocast dtype
+    under autocast, else the weight's); hidden moves to the weight's device."""
+    if dtype is None:
+        dev = hidden.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
     hidden = hidden.to(device=weight.device, dtype=dtype)
     weight = weight.to(dtype)
     return hidden, weight, None if bias is None else bias.to(dtype)
-
-
-def _no_autocast(device: torch.device):
-    if torch.is_autocast_enabled(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def shifted_targets(
     input_ids: torch.Tensor, response_mask: Optional[torch.Tensor], ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
     """[B, T-1] targets input_ids[:, 1:], with ignore_index where response_mask[:, 1:] == 0."""
-    targets = input_ids[:, 1:]
+    targets = input_ids[:, 1:].long()  # int64: ignore_index need not fit the ids' dtype
     if response_mask is None:
         return targets
     if tuple(response_mask.shape) != tuple(input_ids.shape):
@@ -208,7 +311,7 @@ def sequence_token_stats(
     attention_mask: Optional[torch.Tensor],
     response_mask: Optional[torch.Tensor],
     *,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     return_entropy: bool = True,
     backend: str = "auto",
     **forward_kwargs,
@@ -224,7 +327,9 @@ def sequence_token_stats(
         logp = torch.log_softmax(logits[:, :-1] / temperature, -1)
         out[b, t] = logp[b, t, input_ids[b, t + 1]] if response_mask[b, t + 1] else 0
 
-    (the logits including Gemma-2's soft-cap). Unscored positions cost no vocabulary work. Differentiable
+    (the logits including Gemma-2's soft-cap). `temperature` is a float or a per-token [B, T-1] tensor
+    aligned with the outputs (temperature[b, t] divides the logits that score input_ids[b, t + 1]; any value
+    where the token is not scored). Unscored positions cost no vocabulary work. Differentiable
     w.r.t. the model's parameters; run under torch.no_grad() for old / reference log-probs. A None
     response_mask scores every position.
     """

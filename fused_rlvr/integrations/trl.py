@@ -29,8 +29,12 @@ Two levels, both tested against TRL's own trainer (tests/test_integrations_trl.p
    mask, and multimodal inputs. The MoE load-balancing loss (router_aux_loss_coef) is added as TRL adds it
    (metric aux_loss). `FusedGRPOTrainer.fused_loss_path(inputs)` says which one runs, and why.
 
-Not supported (clear errors): a PEFT adapter on the lm-head, DeepSpeed ZeRO-3 (the fused backward re-reads the
-lm-head weight outside the module's gather hooks), models that rescale their logits (Cohere, Granite).
+A PEFT LoRA adapter on the lm-head (target_modules including "lm_head"), which TRL's own trainer refuses, is
+trained through the fused op (its A and B get their gradients from the op; lora_dropout must be 0 there).
+
+Not supported (clear errors): DoRA or other PEFT variants on the lm-head, several active adapters on it, an
+adapter on the head with cast_lm_head_to_fp32 (TRL's refusal), DeepSpeed ZeRO-3 (the fused backward re-reads
+the lm-head weight outside the module's gather hooks), models that rescale their logits (Cohere, Granite).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
+from dataclasses import replace
 from typing import Any, Optional
 
 import torch
@@ -51,7 +56,7 @@ except ImportError as err:  # pragma: no cover - exercised only without trl
     ) from err
 
 from fused_rlvr.grpo import linear_grpo_loss
-from fused_rlvr.integrations.hf import IGNORE_INDEX, _backbone, _match_head_dtype, lm_head, unwrap_model
+from fused_rlvr.integrations.hf import IGNORE_INDEX, _backbone, lm_head, unwrap_model
 from fused_rlvr.linear_logprobs import linear_logprobs
 
 SUPPORTED_OUTPUTS = ("log_probs", "entropy")
@@ -102,17 +107,21 @@ def _full(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def head_inputs(model, hidden: torch.Tensor, *, cast_lm_head_to_fp32: bool = False):
-    """(hidden, weight, bias, softcap, autocast-off context): the fused op's inputs for a model's head."""
+    """(hidden, weight, head_kwargs, autocast-off context): the fused op's inputs for a model's head.
+
+    head_kwargs are `LMHead.op_kwargs()` (bias, softcap and a PEFT LoRA adapter's lora_a, lora_b,
+    lora_scale), to pass to the op or a loss as keywords; FSDP2-sharded tensors are gathered, and hidden and
+    the head are cast as the model's own head computes (`LMHead.cast`).
+    """
     head = lm_head(model)
-    weight, bias = _full(head.weight), _full(head.bias)
-    if cast_lm_head_to_fp32:
-        hidden, weight = hidden.to(weight.device, torch.float32), weight.float()
-        bias = None if bias is None else bias.float()
-    else:
-        hidden, weight, bias = _match_head_dtype(hidden, weight, bias)
+    lora = head.lora
+    if lora is not None:
+        lora = replace(lora, a=_full(lora.a), b=_full(lora.b))
+    head = replace(head, weight=_full(head.weight), bias=_full(head.bias), lora=lora)
+    hidden, head = head.cast(hidden, fp32=cast_lm_head_to_fp32)
     dev = hidden.device.type
     ctx = torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext()
-    return hidden, weight, bias, head.softcap, ctx
+    return hidden, head.weight, head.op_kwargs(), ctx
 
 
 def _router_aux_loss(model, backbone_outputs, attention_mask):
@@ -144,6 +153,8 @@ def add_fused_lm_head(
     Without `fused_lm_head=True` the model's previous forward runs (generation is unchanged). Also accepts
     `fused_lm_head="hidden"`: returns the backbone output (last hidden states) for a loss that reads the head
     itself (FusedGRPOTrainer). Patch the transformers model (for PEFT, `peft_model.get_base_model()`).
+    The patched forward also takes `temperature=` per call (with fused_lm_head=True): a float, or a per-token
+    tensor aligned with the scored positions (labels[:, 1:], or shift_labels), instead of `temperature`.
     """
     unknown = [o for o in outputs if o not in SUPPORTED_OUTPUTS]
     if unknown:
@@ -153,13 +164,23 @@ def add_fused_lm_head(
         )
     lm_head(model)  # fail now, naming the model class, rather than at the first training step
     want_entropy = "entropy" in outputs
+    default_temperature = temperature
     previous_forward = model.forward
     text_config = model.config.get_text_config()
 
     @functools.wraps(type(model).forward)
     def _fused_forward(
-        self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs
+        self,
+        *args,
+        fused_lm_head=False,
+        labels=None,
+        shift_labels=None,
+        num_items_in_batch=None,
+        temperature=None,
+        **kwargs,
     ):
+        if temperature is not None and not fused_lm_head:
+            raise TypeError("temperature= is a keyword of the fused head: pass it with fused_lm_head=True")
         if not fused_lm_head:
             for key, value in (
                 ("labels", labels),
@@ -180,7 +201,7 @@ def add_fused_lm_head(
             hidden, targets = backbone_outputs.last_hidden_state[:, :-1], labels[:, 1:]
         else:
             hidden, targets = backbone_outputs.last_hidden_state, shift_labels
-        hidden, weight, bias, softcap, ctx = head_inputs(
+        hidden, weight, head_kwargs, ctx = head_inputs(
             self, hidden, cast_lm_head_to_fp32=cast_lm_head_to_fp32
         )
         targets = targets.to(weight.device)
@@ -189,12 +210,11 @@ def add_fused_lm_head(
                 hidden,
                 weight,
                 targets,
-                bias=bias,
-                softcap=softcap,
-                temperature=temperature,
+                temperature=default_temperature if temperature is None else temperature,
                 ignore_index=IGNORE_INDEX,
                 return_entropy=want_entropy,
                 backend=backend,
+                **head_kwargs,
             )
         mask = targets != IGNORE_INDEX
         denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
@@ -210,6 +230,33 @@ def add_fused_lm_head(
     model.forward = types.MethodType(_fused_forward, model)
 
 
+class _NoLayer:
+    """A class no module is an instance of."""
+
+
+@contextlib.contextmanager
+def _peft_lm_head_allowed(trainer_args):
+    """Lift GRPOTrainer.__init__'s refusal of a PEFT adapter on the lm-head while it runs.
+
+    TRL refuses it because its own fused head reads lm_head.weight and would ignore (and never train) the
+    adapter; this trainer's head reads the adapter into the fused op (`fused_rlvr.integrations.hf.lm_head`,
+    which refuses what it cannot express). TRL tests `isinstance(head, BaseTunerLayer)` for the refusal, so
+    that name of its module is swapped for the duration. Not with cast_lm_head_to_fp32, which TRL's same
+    test guards (it cannot cast an adapter layer): TRL's error then stands.
+    """
+    import trl.trainer.grpo_trainer as grpo_module
+
+    if getattr(trainer_args, "cast_lm_head_to_fp32", False) or not hasattr(grpo_module, "BaseTunerLayer"):
+        yield
+        return
+    original = grpo_module.BaseTunerLayer
+    grpo_module.BaseTunerLayer = _NoLayer
+    try:
+        yield
+    finally:
+        grpo_module.BaseTunerLayer = original
+
+
 class FusedGRPOTrainer(GRPOTrainer):
     """TRL's GRPOTrainer whose log-probs, entropies and loss come from fused_rlvr (no logits anywhere).
 
@@ -222,7 +269,9 @@ class FusedGRPOTrainer(GRPOTrainer):
     """
 
     def __init__(self, *args, fused_backend: str = "auto", fused_loss: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
+        trainer_args = kwargs.get("args", args[2] if len(args) > 2 else None)
+        with _peft_lm_head_allowed(trainer_args):
+            super().__init__(*args, **kwargs)
         self.fused_backend = fused_backend
         self.fused_loss = fused_loss
         cast = self.args.cast_lm_head_to_fp32
@@ -339,7 +388,7 @@ class FusedGRPOTrainer(GRPOTrainer):
             out = model(input_ids=input_ids, attention_mask=attention_mask, fused_lm_head="hidden", **extra)
         hidden = out.last_hidden_state[:, -n_completion - 1 : -1]  # position t scores completion token t
         unwrapped = unwrap_model(self.accelerator.unwrap_model(model))
-        hidden, weight, bias, softcap, ctx = head_inputs(
+        hidden, weight, head_kwargs, ctx = head_inputs(
             unwrapped, hidden, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32
         )
 
@@ -378,11 +427,10 @@ class FusedGRPOTrainer(GRPOTrainer):
                 entropy_coef=entropy_coef,
                 pg_weights=self._pg_weights(inputs, mask, advantages),
                 temperature=self.temperature,
-                bias=bias,
-                softcap=softcap,
                 backend=self.fused_backend,
                 normalizer=divisor,
                 max_len=self.max_completion_length,
+                **head_kwargs,  # bias, softcap, a LoRA adapter on the head (LMHead.op_kwargs)
             )
         self._log_fused_metrics(mode, stats, mask, advantages)
         if self.aux_loss_enabled:  # TRL: + coef * load-balancing loss, scaled for gradient accumulation

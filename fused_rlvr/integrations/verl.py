@@ -44,7 +44,7 @@ def linear_logprobs_entropy(
     hidden_states: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     reduction: str = "none",
     *,
     bias: Optional[torch.Tensor] = None,
@@ -52,6 +52,9 @@ def linear_logprobs_entropy(
     ignore_index: Optional[int] = None,
     backend: str = "auto",
     vocab_parallel: Optional[VocabParallel] = None,
+    lora_a: Optional[torch.Tensor] = None,
+    lora_b: Optional[torch.Tensor] = None,
+    lora_scale: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log_probs, entropy) of `labels` under `hidden_states @ weight.T / temperature`, without the logits.
 
@@ -64,10 +67,11 @@ def linear_logprobs_entropy(
     hidden_states [..., H] (e.g. [B, T, H] or packed [1, N, H]), labels [...] (e.g. verl's
     `torch.roll(input_ids, -1, -1)`), outputs fp32 shaped like labels, differentiable w.r.t. hidden_states
     and weight. reduction "sum" / "mean" reduces both outputs over all tokens (over the non-ignored ones for
-    "mean"). Extras verl's call lacks: bias, softcap (Gemma-2) and ignore_index (those labels give 0 and cost
-    no vocabulary work). vocab_parallel: `weight` is this rank's vocabulary shard (a
-    `fused_rlvr.VocabParallel`, see `fused_rlvr.linear_logprobs`); the outputs are the full-vocabulary values
-    on every rank.
+    "mean"). Extras verl's call lacks: bias, softcap (Gemma-2), ignore_index (those labels give 0 and cost
+    no vocabulary work) and a per-token temperature (a tensor shaped like labels). vocab_parallel: `weight`
+    is this rank's vocabulary shard (a `fused_rlvr.VocabParallel`, see `fused_rlvr.linear_logprobs`); the
+    outputs are the full-vocabulary values on every rank. lora_a [r, H], lora_b [V, r], lora_scale: a LoRA
+    adapter on the lm-head (logits + lora_scale (h A^T) B^T), as in `fused_rlvr.linear_logprobs`.
     """
     one_of("reduction", reduction, REDUCTIONS)
     ignore = IGNORE_INDEX if ignore_index is None else ignore_index
@@ -82,12 +86,15 @@ def linear_logprobs_entropy(
         return_entropy=True,
         backend=backend,
         vocab_parallel=vocab_parallel,
+        lora_a=lora_a,
+        lora_b=lora_b,
+        lora_scale=lora_scale,
     )
     if reduction == "none":
         return log_probs, entropy
     if reduction == "sum":
         return log_probs.sum(), entropy.sum()
-    count = (labels != ignore).sum().clamp(min=1)
+    count = (labels.long() != ignore).sum().clamp(min=1)
     return log_probs.sum() / count, entropy.sum() / count
 
 
@@ -95,9 +102,13 @@ def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     reduction: str = "none",
     dist_process_group=None,
+    *,
+    lora_a: Optional[torch.Tensor] = None,
+    lora_b: Optional[torch.Tensor] = None,
+    lora_scale: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop-in for `verl.utils.kernel.linear_cross_entropy.linear_cross_entropy` (same positional order).
 
@@ -106,6 +117,8 @@ def linear_cross_entropy(
     The vocabulary-parallel op checks across ranks that the shards tile the vocabulary. As verl's own
     kernel, the hidden-state gradient is this rank's partial sum over its shard (verl's Megatron path sums
     it over the group in the backward of its sequence-parallel gather): no all-reduce happens here.
+    lora_a, lora_b, lora_scale: a LoRA adapter on the head (with dist_process_group: lora_b holds the
+    weight's rows, lora_a is replicated and gets its full gradient on every rank).
     """
     vp = None
     if dist_process_group is not None:
@@ -113,7 +126,17 @@ def linear_cross_entropy(
 
         start = dist.get_rank(dist_process_group) * weight.shape[0]
         vp = VocabParallel(dist_process_group, start, reduce_grad_hidden=False)
-    return linear_logprobs_entropy(hidden, weight, labels, temperature, reduction, vocab_parallel=vp)
+    return linear_logprobs_entropy(
+        hidden,
+        weight,
+        labels,
+        temperature,
+        reduction,
+        vocab_parallel=vp,
+        lora_a=lora_a,
+        lora_b=lora_b,
+        lora_scale=lora_scale,
+    )
 
 
 class FusedLinearForPPO(torch.nn.Module):
@@ -132,8 +155,20 @@ class FusedLinearForPPO(torch.nn.Module):
         hidden_states: torch.Tensor,
         vocab_weights: torch.Tensor,
         input_ids: torch.Tensor,
-        temperature: float = 1.0,
+        temperature: float | torch.Tensor = 1.0,
+        *,
+        lora_a: Optional[torch.Tensor] = None,
+        lora_b: Optional[torch.Tensor] = None,
+        lora_scale: Optional[float] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log_probs, entropy) as `linear_logprobs_entropy`, with an optional LoRA adapter on the head."""
         return linear_logprobs_entropy(
-            hidden_states, vocab_weights, input_ids, temperature, backend=self.backend
+            hidden_states,
+            vocab_weights,
+            input_ids,
+            temperature,
+            backend=self.backend,
+            lora_a=lora_a,
+            lora_b=lora_b,
+            lora_scale=lora_scale,
         )
