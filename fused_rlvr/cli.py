@@ -9,6 +9,7 @@ import os
 import sys
 import time
 import traceback
+from typing import Optional
 
 from fused_rlvr._memory import PeakRSS
 from fused_rlvr._threads import configure_threads, ensure_openmp_env
@@ -165,14 +166,18 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv=None) -> int:
-    """`fused-rlvr COMMAND ...`. Called with argv=None (the installed command) a compute command may
-    re-execute itself once to set the OpenMP wait policy before torch loads (see prepare_process)."""
-    as_command = argv is None
+def main(argv=None, *, reexec: Optional[bool] = None) -> int:
+    """`fused-rlvr COMMAND ...` (argv: the arguments after the program name; default sys.argv[1:]).
+
+    reexec: may a training command re-execute this process once to set the OpenMP wait policy before torch
+    loads (see prepare_process); default: only when argv is None, i.e. as the installed command. Another
+    entry point of a whole process passes reexec=True (`python -m fused_rlvr.train`:
+    `main(["train", *sys.argv[1:]], reexec=True)`); tests and library callers leave it False."""
+    reexec = argv is None if reexec is None else reexec
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv else None
     if command in COMPUTE_COMMANDS:
-        prepare_process(reexec=as_command and command in TRAINING_COMMANDS)
+        prepare_process(reexec=reexec and command in TRAINING_COMMANDS)
     try:
         if command == "train":  # the trainer's flags are generated from its config dataclass
             from fused_rlvr.train import main as train_main

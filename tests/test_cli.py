@@ -173,3 +173,30 @@ def test_prepare_process_sets_threads_from_the_policy(monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert dict(os.environ) == env  # in-process (tests, library use): the environment is left alone
+
+
+def test_the_installed_command_reexecutes_once_and_reports_input_errors_in_one_line():
+    """main() as the installed command runs it (argv from the command line): without a wait policy in the
+    environment the process restarts itself once (the pid printed before main() appears twice: os.execv
+    keeps it), then the bad flag is one line on stderr and exit status 2; with the user's own policy, no
+    restart."""
+    import subprocess
+
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+    }
+    probe = (
+        "import os, sys; from fused_rlvr.cli import main; print(os.getpid(), flush=True); sys.exit(main())"
+    )
+    cmd = [sys.executable, "-c", probe, "train", "--preset", "tiny", "--steer", "foo"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr
+    pids = out.stdout.split()
+    assert len(pids) == 2 and pids[0] == pids[1], out.stdout
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fused-rlvr train: error: config field 'steer'"), (
+        out.stderr
+    )
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert out.returncode == 2 and len(out.stdout.split()) == 1, out.stdout
