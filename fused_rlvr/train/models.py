@@ -80,15 +80,15 @@ def silence_library_progress_bars(*, force: bool = False) -> bool:
     fused-rlvr's own progress bar (tqdm, created by the trainer) is not affected."""
     if not force and _isatty(sys.stderr):
         return False
+    from huggingface_hub.utils import disable_progress_bars
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    for module, fn in (
-        ("huggingface_hub.utils", "disable_progress_bars"),
-        ("datasets", "disable_progress_bars"),
-    ):
-        if importlib.util.find_spec(module.split(".")[0]) is not None:
-            getattr(importlib.import_module(module), fn)()
+    disable_progress_bars()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    else:  # read when datasets is imported (importing it here would cost a second of start-up)
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     return True
 
 
