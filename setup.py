@@ -42,7 +42,15 @@ setup(
             "tqdm",
             "matplotlib",
         ],
-        "bench": ["triton>=3.2", "liger-kernel>=0.6", "cut-cross-entropy", "psutil", "matplotlib"],
+        # bench.step_memory runs TRL's GRPOTrainer loss (trl brings transformers and datasets)
+        "bench": [
+            "triton>=3.2",
+            "liger-kernel>=0.6",
+            "cut-cross-entropy",
+            "psutil",
+            "matplotlib",
+            "trl>=1.16,<1.17",
+        ],
         "gpu": ["flash-attn"],
     },
     entry_points={"console_scripts": ["fused-rlvr=fused_rlvr.cli:main"]},

@@ -1,13 +1,28 @@
 """Command line: `fused-rlvr train` (RLVR training, also `python -m fused_rlvr.train`), `fused-rlvr eval`
-(base vs trained: pass@k, entropies, the Invisible-Leash tables), `fused-rlvr demo`."""
+(base vs trained: pass@k, entropies, the Invisible-Leash tables), `fused-rlvr export-model` (a model as a
+Hugging Face folder other tools load offline), `fused-rlvr demo`."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+import traceback
+from typing import Optional
 
 from fused_rlvr._memory import PeakRSS
+from fused_rlvr._threads import configure_threads, ensure_openmp_env
+
+# Commands whose process gets the thread count of fused_rlvr._threads and no library progress bars on a
+# non-terminal stderr; the long-running ones (TRAINING_COMMANDS) also the OpenMP wait policy.
+COMPUTE_COMMANDS = ("train", "eval", "demo", "export-model")
+TRAINING_COMMANDS = ("train", "eval", "demo")
+# Errors of these types raised by a `raise` statement of fused-rlvr's own code are its input checks (a config
+# field, a path, a model name): one line and exit status 2. Raised anywhere else (torch, transformers, a
+# failing builtin call inside our code) they keep their traceback.
+INPUT_ERRORS = (ValueError, OSError)
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def demo(args) -> int:
@@ -81,25 +96,104 @@ def demo(args) -> int:
     return 0 if ok else 1
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["train"]:  # the trainer's flags are generated from its config dataclass
-        from fused_rlvr.train import main as train_main
+def export(args) -> int:
+    """Write a model as a Hugging Face folder (config, safetensors, tokenizer, generation config)."""
+    import torch
 
-        return train_main(argv[1:])
-    if argv[:1] == ["eval"]:
-        from fused_rlvr.train.evaluate import main as eval_main
+    from fused_rlvr.train.models import export_model
 
-        return eval_main(argv[1:])
+    files = export_model(args.model, args.folder, dtype=getattr(torch, args.dtype))
+    print(f"wrote {args.model} to {args.folder}: {', '.join(files)}")
+    print(
+        f"load it offline with AutoModelForCausalLM.from_pretrained({args.folder!r}) and "
+        f"AutoTokenizer.from_pretrained({args.folder!r}), or pass the folder as the model name"
+    )
+    return 0
+
+
+def is_input_error(err: BaseException) -> bool:
+    """Whether `err` is one of fused-rlvr's own checks of its input: an INPUT_ERRORS type raised by a `raise`
+    statement in this package, rather than a failure inside torch, another library or a builtin call."""
+    if not isinstance(err, INPUT_ERRORS) or err.__traceback__ is None:
+        return False
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames:
+        return False
+    last = frames[-1]
+    ours = os.path.abspath(last.filename).startswith(_PACKAGE_DIR + os.sep)
+    return ours and (last.line or "").lstrip().startswith("raise ")
+
+
+def input_error_line(prog: str, err: BaseException) -> str:
+    """The one line printed for an input error: the program, then the error's own message."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return f"{prog}: error: {text}"
+
+
+def prepare_process(*, reexec: bool = False) -> int:
+    """Process set-up of the compute commands: OpenMP wait policy (`ensure_openmp_env`, which re-executes
+    the command once when torch was loaded before the policy was set and `reexec` is True), torch threads
+    (`configure_threads(0)`: automatic; the trainer's `threads` field or eval's --threads override it),
+    library progress bars off when stderr is not a terminal. Returns the thread count set."""
+    from fused_rlvr.train.models import silence_library_progress_bars
+
+    if reexec:
+        ensure_openmp_env()
+    silence_library_progress_bars()
+    return configure_threads(0)
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fused-rlvr", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="RLVR training (GRPO / PACS / STEER / DARS); see `fused-rlvr train --help`")
     sub.add_parser("eval", help="base vs trained: pass@k, entropies, P/E/S/O; see `fused-rlvr eval --help`")
+    e = sub.add_parser(
+        "export-model",
+        help="write a model ('smollm2', 'tiny-random' or a local HF model) as a Hugging Face folder",
+        description="Write a model as a Hugging Face folder (config.json, model.safetensors, tokenizer, "
+        "generation_config.json) that AutoModelForCausalLM / AutoTokenizer, TRL and verl load offline. "
+        "'smollm2' is the embedded SmolLM2-135M-Instruct, de-quantised from its GGUF file, bit for bit the "
+        "weights `fused-rlvr train` starts from.",
+    )
+    e.add_argument("model", help="'smollm2', 'tiny-random', or a local HF model name / folder")
+    e.add_argument("folder", help="output folder (must not exist, or be empty)")
+    e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="default: %(default)s")
+    e.set_defaults(func=export)
     d = sub.add_parser("demo", help="fused vs materialised log-probs of SmolLM2 on CPU, and the memory saved")
     d.add_argument("--max-len", type=int, default=64, help="tokens per sequence (111 sequences)")
     d.set_defaults(func=demo)
-    args = ap.parse_args(argv)
-    return args.func(args)
+    return ap
+
+
+def main(argv=None, *, reexec: Optional[bool] = None) -> int:
+    """`fused-rlvr COMMAND ...` (argv: the arguments after the program name; default sys.argv[1:]).
+
+    reexec: may a training command re-execute this process once to set the OpenMP wait policy before torch
+    loads (see prepare_process); default: only when argv is None, i.e. as the installed command. Another
+    entry point of a whole process passes reexec=True (`python -m fused_rlvr.train`:
+    `main(["train", *sys.argv[1:]], reexec=True)`); tests and library callers leave it False."""
+    reexec = argv is None if reexec is None else reexec
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[0] if argv else None
+    if command in COMPUTE_COMMANDS:
+        prepare_process(reexec=reexec and command in TRAINING_COMMANDS)
+    try:
+        if command == "train":  # the trainer's flags are generated from its config dataclass
+            from fused_rlvr.train import main as train_main
+
+            return train_main(argv[1:])
+        if command == "eval":
+            from fused_rlvr.train.evaluate import main as eval_main
+
+            return eval_main(argv[1:])
+        args = _parser().parse_args(argv)
+        return args.func(args)
+    except INPUT_ERRORS as err:
+        if not is_input_error(err) or os.environ.get("FUSED_RLVR_TRACEBACK"):
+            raise
+        print(input_error_line(f"fused-rlvr {command}", err), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -71,8 +71,10 @@ def train(cfg: TrainConfig, hooks=()) -> dict:
 
 def main(argv=None) -> int:
     import json
+    import os
     import sys
 
+    from fused_rlvr.cli import input_error_line
     from fused_rlvr.train.checkpoint import CheckpointError
     from fused_rlvr.train.config import ConfigError
     from fused_rlvr.train.parallel import is_main_process
@@ -81,7 +83,9 @@ def main(argv=None) -> int:
         cfg = config_from_args(argv)
         summary = train(cfg)
     except (ConfigError, CheckpointError, FileNotFoundError) as e:  # bad input: one line, no traceback
-        print(f"fused-rlvr train: error: {e}", file=sys.stderr)
+        if os.environ.get("FUSED_RLVR_TRACEBACK"):
+            raise
+        print(input_error_line("fused-rlvr train", e), file=sys.stderr)
         return 2
     if not is_main_process():  # rank 0 reports
         return 0 if summary["status"] == "finished" else 130

@@ -188,7 +188,11 @@ class TrainConfig:
         "'auto' (bf16 on CUDA, fp32 on CPU), 'float32' or 'bfloat16'",
         choices=("auto", "float32", "bfloat16"),
     )
-    threads: int = _f(0, "CPU threads for torch (0: torch's default)", lo=0)
+    threads: int = _f(
+        0,
+        "CPU threads for torch (0: automatic: OMP_NUM_THREADS, else the physical cores this process may use)",
+        lo=0,
+    )
     backend: str = _f(
         "auto",
         "fused-op backend (auto: Triton on CUDA, chunked torch on CPU)",

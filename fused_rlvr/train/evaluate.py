@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     ap.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
-    ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: automatic)")
     ap.add_argument("--out-dir", default=None, help="output folder (default: RUN/eval, or runs/eval)")
     ap.add_argument("--no-plot", action="store_true", help="skip pass_at_k.png")
     return ap
@@ -423,6 +423,17 @@ def run(args: argparse.Namespace, verifier=None) -> dict[str, Any]:
     return report.summary
 
 
+LEGEND = (
+    "legend: pass@k = chance that k of a problem's n samples include a correct one (unbiased), avg@n = mean "
+    "accuracy of the samples, entropies in nats"
+)
+LEASH_LEGEND = (
+    "P/E/S/O = problems solved (a correct sample among n) by both models / only the trained one / only the "
+    "base one / neither; SRR = P/(P+S) support retention; NDR = E/(P+E) net discovery; SDS = harmonic mean "
+    "of SRR and NDR; NSCR = (E-S)/(P+E+S) net support change (> 0: the support grew)"
+)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -436,6 +447,7 @@ def main(argv=None) -> int:
     for k in keys:
         v = summary[k]
         print(f"{k:>28}: {v:.4f}" if isinstance(v, float) else f"{k:>28}: {v}")
+    print(LEGEND + ("; " + LEASH_LEGEND if "P" in summary else ""))
     print(f"tables, plot and samples in {os.path.dirname(summary['files']['summary.json'])}")
     return 0
 
