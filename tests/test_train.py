@@ -88,18 +88,22 @@ def _reference_update(tr, batch, adv, lr, algorithm):
         )
     else:
         a = adv.double()[:, None].expand_as(lp)
+        old = batch.on_tokens(batch.old_logprobs, torch.arange(len(batch)), mask)
         loss = ref_grpo_loss(
             lp,
             ent,
             a,
             mask,
-            None,
+            None if old is None else old.double(),
             None,
             eps_low=c.eps_low,
-            eps_high=c.eps_high,
+            eps_high=c.cispo_cap if c.policy_loss == "cispo" else c.eps_high,
             agg=c.loss_agg,
             entropy_coef=c.entropy_coef,
             max_len=c.max_new_tokens,
+            policy_loss=c.policy_loss,
+            sapo_tau_pos=c.sapo_tau_pos,
+            sapo_tau_neg=c.sapo_tau_neg,
         )
     loss.backward()
     with torch.no_grad():
@@ -116,9 +120,16 @@ def _reference_update(tr, batch, adv, lr, algorithm):
         {"loss_agg": "seq-mean-token-mean", "micro_batch": 5},
         {"loss_agg": "dr_grpo", "micro_batch": 2},
         {"algorithm": "pacs", "advantage": "rloo", "micro_batch": 5},
+        {"policy_loss": "cispo", "cispo_cap": 1.1, "micro_batch": 5, "stale": True},
+        {"policy_loss": "sapo", "sapo_tau_pos": 0.8, "sapo_tau_neg": 1.3, "micro_batch": 5, "stale": True},
+        {"policy_loss": "ppo", "micro_batch": 5, "stale": True},
     ],
 )
 def test_one_fused_update_equals_materialised_logits_update(tmp_path, kw):
+    """stale: old log-probs off the current policy (as after an earlier minibatch), so ratios are not 1 and
+    the clip / cap / gate of each policy_loss acts."""
+    kw = dict(kw)
+    stale = kw.pop("stale", False)
     lr = 0.5
     tr = Trainer(tiny(tmp_path, group_size=4, max_new_tokens=6, grad_clip=0.0, **kw))
     tr.optimizer = torch.optim.SGD(tr.params, lr=lr)
@@ -135,7 +146,10 @@ def test_one_fused_update_equals_materialised_logits_update(tmp_path, kw):
     )
     start = params(tr.model)
     batch.advantages = adv
-    batch.old_logprobs = tr.policy.scorer.logprobs(batch)[0] if tr.cfg.algorithm == "pacs" else None
+    batch.old_logprobs = tr.policy.scorer.logprobs(batch)[0] if tr.cfg.algorithm == "pacs" or stale else None
+    if stale:
+        g = torch.Generator().manual_seed(5)
+        batch.old_logprobs = [lp + 0.3 * torch.randn(lp.shape, generator=g) for lp in batch.old_logprobs]
     stats = tr.update(batch)
     fused = params(tr.model)
     with torch.no_grad():
@@ -298,6 +312,14 @@ def test_config_errors_name_the_field_and_range(tmp_path):
         config_from_args(["--steps", "ten"])
     with pytest.raises(ValueError, match="'group_size' must be >= 2 with advantage='rloo'"):
         make_config("tiny", {"advantage": "rloo", "group_size": 1})
+    with pytest.raises(ValueError, match=r"'policy_loss' must be one of \['ppo', 'cispo', 'sapo'\]"):
+        config_from_args(["--policy-loss", "vespo"])
+    with pytest.raises(ValueError, match="'policy_loss' apply to algorithm='grpo' only"):
+        make_config("tiny", {"algorithm": "pacs", "policy_loss": "cispo"})
+    with pytest.raises(ValueError, match="'cispo_cap' must be > 0.0"):
+        make_config("tiny", {"policy_loss": "cispo", "cispo_cap": 0.0})
+    cfg = config_from_args(["--preset", "tiny", "--policy-loss", "sapo", "--sapo-tau-neg", "1.2"])
+    assert (cfg.policy_loss, cfg.sapo_tau_pos, cfg.sapo_tau_neg) == ("sapo", 1.0, 1.2)
     f = tmp_path / "c.json"
     f.write_text('{"steps": 7, "steer": "linear"}')
     cfg = config_from_args(["--preset", "tiny", "--config", str(f), "--lr", "0.01", "--dual-clip", "none"])

@@ -89,10 +89,15 @@ class GRPO(Algorithm):
         """The config fields as LinearGRPOLoss arguments: the one place that maps one to the other."""
         steer = None if cfg.steer is None else SteerConfig(mode=cfg.steer, lambda_min=cfg.steer_lambda_min)
         return dict(
+            policy_loss=cfg.policy_loss,
+            sapo_tau_pos=cfg.sapo_tau_pos,
+            sapo_tau_neg=cfg.sapo_tau_neg,
             beta=cfg.beta,
             kl=cfg.kl,
             eps_low=cfg.eps_low,
-            eps_high=cfg.eps_high,
+            eps_high=cfg.cispo_cap
+            if cfg.policy_loss == "cispo"
+            else cfg.eps_high,  # cispo: a cap on r itself
             dual_clip=cfg.dual_clip,
             importance=cfg.importance,
             agg=cfg.loss_agg,

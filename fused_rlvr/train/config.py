@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from fused_rlvr.advantages import ESTIMATORS, SCALES, STEER_MODES
-from fused_rlvr.grpo import AGGREGATIONS, IMPORTANCE, KL_ESTIMATORS
+from fused_rlvr.grpo import AGGREGATIONS, IMPORTANCE, KL_ESTIMATORS, POLICY_LOSSES
 
 
 class ConfigError(ValueError):
@@ -86,6 +86,17 @@ class TrainConfig:
         "loss aggregation (fused_rlvr.linear_grpo_loss's agg)",
         choices=AGGREGATIONS,
     )
+    policy_loss: str = _f(
+        "ppo",
+        "policy-gradient term: 'ppo' (clipped surrogate), 'cispo' (clipped IS weight times log-prob, "
+        "cap cispo_cap) or 'sapo' (soft gate, temperatures sapo_tau_pos / sapo_tau_neg)",
+        choices=POLICY_LOSSES,
+    )
+    cispo_cap: float = _f(
+        5.0, "cispo: cap on the detached importance ratio, sg(min(r, cap))", lo=0.0, lo_open=True
+    )
+    sapo_tau_pos: float = _f(1.0, "sapo: gate temperature where the advantage is > 0", lo=0.0, lo_open=True)
+    sapo_tau_neg: float = _f(1.05, "sapo: gate temperature where the advantage is <= 0", lo=0.0, lo_open=True)
     eps_low: float = _f(0.2, "lower clip range of the ratio", lo=0.0, hi=1.0, lo_open=True)
     eps_high: float = _f(0.28, "upper clip range of the ratio (clip-higher)", lo=0.0, hi=1.0, lo_open=True)
     dual_clip: Optional[float] = _f(
@@ -238,10 +249,12 @@ class TrainConfig:
                 raise ConfigError(f"config field '{f.name}' must be {op} {lo}, got {v!r}")
             if hi is not None and v > hi:
                 raise ConfigError(f"config field '{f.name}' must be <= {hi}, got {v!r}")
-        if self.algorithm == "pacs" and (self.steer or self.beta or self.entropy_coef):
+        if self.algorithm == "pacs" and (
+            self.steer or self.beta or self.entropy_coef or self.policy_loss != "ppo"
+        ):
             raise ConfigError(
-                "config fields 'steer', 'beta' and 'entropy_coef' apply to algorithm='grpo' only; "
-                "PACS has its own loss"
+                "config fields 'steer', 'beta', 'entropy_coef' and 'policy_loss' apply to "
+                "algorithm='grpo' only; PACS has its own loss"
             )
         if self.algorithm == "pacs" and (self.rank_shaping or self.guidance == "dpo"):
             raise ConfigError(
