@@ -167,3 +167,22 @@ def test_ensure_openmp_env_reexecutes_once_with_the_policy(tmp_path):
     env["OMP_WAIT_POLICY"] = "PASSIVE"  # the user's choice: no re-execution, nothing set
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.splitlines() == ["start None", "ran None []"]
+
+
+def test_a_trainer_built_from_python_picks_its_threads(monkeypatch, tmp_path):
+    """Trainer(cfg) outside the command line applies the config's `threads` too (0: automatic)."""
+    pytest.importorskip("transformers")
+    from _train_helpers import tiny_config
+
+    from fused_rlvr.train.trainer import Trainer
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(_threads, "default_threads", lambda: 2)
+        torch.set_num_threads(1)
+        Trainer(tiny_config(tmp_path / "auto", steps=1))
+        assert torch.get_num_threads() == 2
+        Trainer(tiny_config(tmp_path / "one", steps=1, threads=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

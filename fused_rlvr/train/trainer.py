@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import torch
 
+from fused_rlvr._threads import configure_threads
 from fused_rlvr.advantages import group_advantages
 from fused_rlvr.train.algorithms import make_algorithm
 from fused_rlvr.train.checkpoint import Checkpointer, CheckpointError, capture_rng, restore_rng
@@ -53,8 +54,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, hooks: Sequence[Hook] = (), *, parallel: Optional[Parallel] = None):
         self.cfg = c = cfg.validate()
-        if c.threads:
-            torch.set_num_threads(c.threads)
+        configure_threads(c.threads)  # 0: OMP_NUM_THREADS, else the physical cores this process may use
         self.parallel = par = parallel or make_parallel(c)
         self.policy = Policy(c, root_call=par.root_call)
         self.initial = self.policy.frozen_copy() if c.beta > 0 or c.reward == "rlpr" else None
