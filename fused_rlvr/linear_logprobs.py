@@ -230,7 +230,12 @@ VOCAB_PARALLEL_EAGER = (
 
 
 def _eagerly(fn, *args, **kwargs):
-    """fn(*args, **kwargs) outside torch.compile's graph: a graph break (an error with fullgraph=True)."""
+    """fn(*args, **kwargs) outside torch.compile's graph: a graph break (an error with fullgraph=True).
+
+    Only called while torch.compile traces, so torch._dynamo is loaded already."""
+    from torch._dynamo import graph_break
+
+    graph_break(msg=VOCAB_PARALLEL_EAGER)  # fullgraph=True stops here, with this message
     return torch.compiler.disable(fn, reason=VOCAB_PARALLEL_EAGER)(*args, **kwargs)
 
 
