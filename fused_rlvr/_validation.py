@@ -43,6 +43,11 @@ def tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
+def finite(value: float) -> bool:
+    """math.isfinite as comparisons, which torch.compile can trace when it makes a float argument symbolic."""
+    return -math.inf < value < math.inf
+
+
 def positive_finite(name: str, value, *, allow_none: bool = False) -> float | None:
     if value is None and allow_none:
         return None
@@ -52,7 +57,7 @@ def positive_finite(name: str, value, *, allow_none: bool = False) -> float | No
         expected = "a finite positive number or None" if allow_none else "a finite positive number"
         raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or value <= 0:
+    if not finite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite positive number, got {value}")
     return value
 
@@ -193,7 +198,7 @@ def check_per_token(name: str, value, shape, *, allow_per_sequence: bool = False
 def non_negative(name: str, value) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, Real) or not finite(float(value)) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
@@ -320,6 +325,6 @@ def check_lora(lora_a, lora_b, lora_scale, hidden: torch.Tensor, weight: torch.T
     scale = 1.0 if lora_scale is None else lora_scale
     if isinstance(scale, torch.Tensor) and scale.numel() == 1:
         scale = scale.item()
-    if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(float(scale)):
+    if isinstance(scale, bool) or not isinstance(scale, Real) or not finite(float(scale)):
         raise ValueError(f"lora_scale must be a finite number, got {lora_scale!r}")
     return LoRA(lora_a, lora_b, float(scale))

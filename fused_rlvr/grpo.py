@@ -472,6 +472,10 @@ def linear_grpo_loss(
         l = torch.maximum(-A * r, -A * r.clamp(1 - eps_low, 1 + eps_high)) * pg_weights + beta * kl
         loss = (l * mask).sum() / mask.sum()
 
+    Under torch.compile (fullgraph=True included) the log-probs come from the custom op of `linear_logprobs`,
+    the token-count divisor stays a tensor, the value checks of mask and pg_weights are skipped, and with
+    backend="triton" the per-token epilogue is the torch one (the compiler fuses it); steer= graph-breaks.
+
     Returns (loss, GRPOStats).
     """
     b_t = _check_grpo_inputs(

@@ -629,6 +629,12 @@ def linear_logprobs(
     Inside a `torch.autocast` region the op still computes in the inputs' own dtypes, forward and backward
     (cast hidden and weight to the autocast dtype first to score in it, as `fused_rlvr.integrations.hf` does).
     The target-range check costs a device sync: see `fused_rlvr.set_target_check` to skip it.
+
+    torch.compile (fullgraph=True included): the op is the custom op fused_rlvr::token_stats (and
+    fused_rlvr::token_stats_backward), opaque to the compiler, whose implementation runs this op's eager code;
+    values and gradients equal the eager call's. The target-range and per-token temperature checks then run
+    inside the op (same errors); pass temperature, softcap and lora_scale as Python numbers. A vocab_parallel
+    call runs eagerly: a graph break, an error with fullgraph=True.
     """
     params = make_params(
         hidden,

@@ -7,6 +7,7 @@ is installed, compiled by inductor on a GPU in the gpu-marked test.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from _helpers import BACKENDS, make_inputs
 
 import fused_rlvr as F
 from fused_rlvr import _torch_backend
+from fused_rlvr.dpo import linear_dpo_loss
 from fused_rlvr.linear_logprobs import VOCAB_PARALLEL_EAGER
 
 COMPILERS = ["eager", "aot_eager"]
@@ -200,6 +202,46 @@ def test_dynamic_shapes():
         torch.testing.assert_close(ww.grad, we.grad)
 
 
+def test_hyper_parameters_that_change_between_calls():
+    """Float arguments of the compiled function become symbolic after a change: the checks still trace."""
+    h, w, y, b, (g_lp, g_ent) = _lp_problem()
+    _, _, _, _, mask, adv, old, ref = _grpo_problem()
+
+    def lp_step(hidden, weight, temperature, softcap):
+        lp, ent = F.linear_logprobs(
+            hidden, weight, y, temperature=temperature, softcap=softcap, backend="torch"
+        )
+        return ((lp * g_lp).sum() + (ent * g_ent).sum(), lp, ent)
+
+    def grpo_step(hidden, weight, beta, eps_high, entropy_coef):
+        loss, stats = F.linear_grpo_loss(
+            hidden,
+            weight,
+            y,
+            adv,
+            mask,
+            old_logprobs=old,
+            ref_logprobs=ref,
+            beta=beta,
+            eps_high=eps_high,
+            entropy_coef=entropy_coef,
+            backend="torch",
+        )
+        return (loss, *stats)
+
+    tensors = {"hidden": h, "weight": w}
+    lp_c = torch.compile(lp_step, fullgraph=True, backend="aot_eager")
+    grpo_c = torch.compile(grpo_step, fullgraph=True, backend="aot_eager")
+    grad_of = ("hidden", "weight")
+    for i, x in enumerate((0.6, 0.9, 1.4)):
+        lp_kw = dict(temperature=x, softcap=4.0 + i)
+        eager = _outputs_and_grads(functools.partial(lp_step, **lp_kw), tensors, grad_of)
+        _assert_same(eager, _outputs_and_grads(functools.partial(lp_c, **lp_kw), tensors, grad_of))
+        grpo_kw = dict(beta=0.02 * (i + 1), eps_high=x / 2, entropy_coef=0.01 * i)
+        eager = _outputs_and_grads(functools.partial(grpo_step, **grpo_kw), tensors, grad_of)
+        _assert_same(eager, _outputs_and_grads(functools.partial(grpo_c, **grpo_kw), tensors, grad_of))
+
+
 def test_no_grad_and_entropy_moments():
     h, w, y, b, _ = _lp_problem()
 
@@ -308,6 +350,17 @@ def test_linear_grpo_loss_compiles_to_eager_values_and_grads(case, compiler):
     (loss, *stats), _ = _compare(step, tensors, grad_of, compiler)
     assert len(stats) == len(F.GRPOStats._fields)
     assert loss != 0
+
+
+def test_linear_dpo_loss_compiles():
+    h, w, y, b, mask, _, old, _ = _grpo_problem()
+    ref = old.sum(1) * 0.9
+
+    def step(hidden, weight, bias):
+        loss, stats = linear_dpo_loss(hidden, weight, y, mask, ref, bias=bias, beta=0.2, backend="torch")
+        return (loss, *stats)
+
+    _compare(step, {"hidden": h, "weight": w, "bias": b}, ("hidden", "weight", "bias"), "aot_eager")
 
 
 @pytest.mark.slow
