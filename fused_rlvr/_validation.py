@@ -36,6 +36,18 @@ def target_check_enabled() -> bool:
     return _check_targets
 
 
+def tracing() -> bool:
+    """True while torch.compile traces the caller. The checks of tensor values (which read them on the host)
+    are then not traced: the target-range and per-token temperature checks run inside the fused op's
+    implementation instead (fused_rlvr.linear_logprobs), the value checks of masks and weights are skipped."""
+    return torch.compiler.is_compiling()
+
+
+def finite(value: float) -> bool:
+    """math.isfinite as comparisons, which torch.compile can trace when it makes a float argument symbolic."""
+    return -math.inf < value < math.inf
+
+
 def positive_finite(name: str, value, *, allow_none: bool = False) -> float | None:
     if value is None and allow_none:
         return None
@@ -45,7 +57,7 @@ def positive_finite(name: str, value, *, allow_none: bool = False) -> float | No
         expected = "a finite positive number or None" if allow_none else "a finite positive number"
         raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or value <= 0:
+    if not finite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite positive number, got {value}")
     return value
 
@@ -80,7 +92,8 @@ def check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend, *,
     """Shapes, dtypes and devices; with check_targets (and the target check on) every target in [0, V).
 
     The vocabulary-parallel path passes check_targets=False: its targets range over the whole vocabulary,
-    which only the ranks together know (fused_rlvr.vocab_parallel checks them against it).
+    which only the ranks together know (fused_rlvr.vocab_parallel checks them against it). While
+    torch.compile traces, the range check is left to the fused op's implementation (`tracing`).
     """
     check_tensor("hidden", hidden)
     check_tensor("weight", weight)
@@ -129,16 +142,22 @@ def check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend, *,
     if not _INT64_MIN <= ignore_index <= _INT64_MAX:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     one_of("backend", backend, BACKENDS)
-    if check_targets and _check_targets and targets.numel():
-        vocab = weight.shape[0]
-        t = targets.long()  # compared in int64: in uint8, `>= 300` would test `>= 44`, and -100 would be 156
-        bad = (t != ignore_index) & ((t < 0) | (t >= vocab))
-        if bool(bad.any()):
-            where = bad.nonzero()[0].tolist()
-            raise ValueError(
-                f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
-                f"targets{where} = {int(t[tuple(where)])}"
-            )
+    if check_targets and not tracing():
+        check_target_range(targets, weight.shape[0], ignore_index)
+
+
+def check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """With the target check on: every target in [0, vocab) or equal to ignore_index (one host sync)."""
+    if not (_check_targets and targets.numel()):
+        return
+    t = targets.long()  # compared in int64: in uint8, `>= 300` would test `>= 44`, and -100 would be 156
+    bad = (t != ignore_index) & ((t < 0) | (t >= vocab))
+    if bool(bad.any()):
+        where = bad.nonzero()[0].tolist()
+        raise ValueError(
+            f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
+            f"targets{where} = {int(t[tuple(where)])}"
+        )
 
 
 def as_mask(name: str, mask, shape) -> torch.Tensor:
@@ -147,7 +166,7 @@ def as_mask(name: str, mask, shape) -> torch.Tensor:
     check_tensor(name, mask)
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)} (that of targets), got {tuple(mask.shape)}")
-    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+    if mask.dtype != torch.bool and not tracing() and bool(((mask != 0) & (mask != 1)).any()):
         raise ValueError(
             f"{name} must be boolean or hold only 0 and 1; got values such as "
             f"{mask[(mask != 0) & (mask != 1)].flatten()[:3].tolist()}"
@@ -179,7 +198,7 @@ def check_per_token(name: str, value, shape, *, allow_per_sequence: bool = False
 def non_negative(name: str, value) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, Real) or not finite(float(value)) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
@@ -208,6 +227,8 @@ def token_weights(name: str, value, shape, mask: torch.Tensor) -> torch.Tensor:
     if value.device != mask.device:
         raise ValueError(f"{name} is on {value.device} but mask is on {mask.device}")
     w = value.detach().to(torch.float32).reshape(b, -1)
+    if tracing():
+        return w.contiguous()
     valid = mask > 0
     if w.shape[1] == 1:
         valid = valid.any(1, keepdim=True)
@@ -223,8 +244,9 @@ def check_temperature(temperature, targets: torch.Tensor, ignore_index: int, dev
     """A float temperature (a number or a one-element tensor), or a per-token tensor shaped like targets.
 
     A per-token temperature must be floating point, on `device`, and (with the target check on) finite and
-    > 0 on every scored token (targets != ignore_index); ignored tokens may hold anything. It is returned
-    detached: the op has no gradient w.r.t. the temperature.
+    > 0 on every scored token (targets != ignore_index); ignored tokens may hold anything (that value check
+    is left to the fused op's implementation while torch.compile traces). It is returned detached: the op
+    has no gradient w.r.t. the temperature.
     """
     per_token = (
         isinstance(temperature, torch.Tensor)
@@ -244,16 +266,24 @@ def check_temperature(temperature, targets: torch.Tensor, ignore_index: int, dev
     if temperature.device != device:
         raise ValueError(f"temperature is on {temperature.device} but hidden is on {device}")
     temperature = temperature.detach()
-    if _check_targets and temperature.numel():
-        scored = targets.long() != ignore_index
-        bad = scored & ~(torch.isfinite(temperature) & (temperature > 0))
-        if bool(bad.any()):
-            where = bad.nonzero()[0].tolist()
-            raise ValueError(
-                f"temperature must be finite and > 0 on every scored token; "
-                f"temperature{where} = {float(temperature[tuple(where)])}"
-            )
+    if not tracing():
+        check_token_temperature(temperature, targets, ignore_index)
     return temperature
+
+
+def check_token_temperature(temperature: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> None:
+    """With the target check on: a per-token temperature finite and > 0 on every scored token (one host
+    sync)."""
+    if not (_check_targets and temperature.numel()):
+        return
+    scored = targets.long() != ignore_index
+    bad = scored & ~(torch.isfinite(temperature) & (temperature > 0))
+    if bool(bad.any()):
+        where = bad.nonzero()[0].tolist()
+        raise ValueError(
+            f"temperature must be finite and > 0 on every scored token; "
+            f"temperature{where} = {float(temperature[tuple(where)])}"
+        )
 
 
 def check_lora(lora_a, lora_b, lora_scale, hidden: torch.Tensor, weight: torch.Tensor) -> LoRA | None:
@@ -295,6 +325,6 @@ def check_lora(lora_a, lora_b, lora_scale, hidden: torch.Tensor, weight: torch.T
     scale = 1.0 if lora_scale is None else lora_scale
     if isinstance(scale, torch.Tensor) and scale.numel() == 1:
         scale = scale.item()
-    if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(float(scale)):
+    if isinstance(scale, bool) or not isinstance(scale, Real) or not finite(float(scale)):
         raise ValueError(f"lora_scale must be a finite number, got {lora_scale!r}")
     return LoRA(lora_a, lora_b, float(scale))

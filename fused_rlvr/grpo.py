@@ -17,6 +17,7 @@ from fused_rlvr._validation import (
     per_token,
     positive_finite,
     token_weights,
+    tracing,
 )
 from fused_rlvr.advantages import SteerConfig, steer_weights
 from fused_rlvr.kernels.grpo_spec import GRPO_PARTS, IMPORTANCE, MAX_PARTS, MIN_PARTS, PART, POLICY_LOSSES
@@ -139,12 +140,22 @@ def _valid(valid: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def grpo_token_loss_torch(
-    lp, ent, old, ref, adv, mask, steer, params: GRPOParams, inv_divisor: float, pg_weights=None
+    lp,
+    ent,
+    old,
+    ref,
+    adv,
+    mask,
+    steer,
+    params: GRPOParams,
+    inv_divisor: float | torch.Tensor,
+    pg_weights=None,
 ):
     """(loss, per-sequence table [B, len(GRPO_PARTS)]) from per-token tensors in plain torch.
 
     Differentiable w.r.t. lp and ent; adv is [B] or [B, T], pg_weights [B, 1] or [B, T] (detached), the rest
-    [B, T]. Values at positions where mask is 0 are never read into the result.
+    [B, T]; inv_divisor a float or a 0-dim tensor. Values at positions where mask is 0 are never read into
+    the result.
     """
     valid = mask > 0
     lp = _valid(valid, lp)
@@ -210,7 +221,12 @@ def grpo_token_loss_torch(
     ent_ = _valid(valid, ent) if ent is not None else torch.zeros_like(lp)
     if params.entropy_coef:
         total = total - params.entropy_coef * ent_
-    row_w = inv_divisor / n_i.clamp_min(1) if params.seq_mean else torch.full_like(n_i, inv_divisor)
+    if params.seq_mean:
+        row_w = inv_divisor / n_i.clamp_min(1)
+    elif isinstance(inv_divisor, torch.Tensor):  # a token count under torch.compile (`_divisor`)
+        row_w = inv_divisor.expand_as(n_i)
+    else:
+        row_w = torch.full_like(n_i, inv_divisor)
     w = mask * row_w[:, None]
     loss = (w * total).sum()
     with torch.no_grad():
@@ -298,11 +314,18 @@ def loss_divisor(agg: str, n_tokens: float, n_seqs: float, max_len: float) -> fl
     return float(n_seqs * max_len)
 
 
-def _divisor(agg: str, mask: torch.Tensor, max_len: Optional[int], normalizer) -> float:
+def _divisor(agg: str, mask: torch.Tensor, max_len: Optional[int], normalizer) -> float | torch.Tensor:
+    """`loss_divisor` of this call: a float, or while torch.compile traces a token count's 0-dim tensor (no
+    host sync inside the graph)."""
     if normalizer is not None:
         return positive_finite("normalizer", normalizer)
     b, t = mask.shape
-    return loss_divisor(agg, float(mask.sum()), b, t if max_len is None else max_len)
+    n_tokens = 0.0
+    if _AGG[agg][1] == "tokens":
+        n_tokens = mask.sum()
+        if tracing():
+            return n_tokens.clamp_min(1.0)
+    return loss_divisor(agg, float(n_tokens), b, t if max_len is None else max_len)
 
 
 def _stats(
@@ -449,6 +472,10 @@ def linear_grpo_loss(
         l = torch.maximum(-A * r, -A * r.clamp(1 - eps_low, 1 + eps_high)) * pg_weights + beta * kl
         loss = (l * mask).sum() / mask.sum()
 
+    Under torch.compile (fullgraph=True included) the log-probs come from the custom op of `linear_logprobs`,
+    the token-count divisor stays a tensor, the value checks of mask and pg_weights are skipped, and with
+    backend="triton" the per-token epilogue is the torch one (the compiler fuses it); steer= graph-breaks.
+
     Returns (loss, GRPOStats).
     """
     b_t = _check_grpo_inputs(
@@ -543,7 +570,7 @@ def linear_grpo_loss(
         pgw = token_weights("pg_weights (the value its function returned)", out, b_t, m)
 
     # 3. the per-token epilogue feeding the fused backward
-    if lp_params.backend == "triton":
+    if lp_params.backend == "triton" and not tracing():  # compiled: the torch epilogue, which compile fuses
         loss, per_seq = _GRPOTokenLossTriton.apply(
             lp, ent, old, ref, adv, m, sw, pgw, params, inv_divisor, lp_params.interpret
         )

@@ -12,7 +12,15 @@ import torch
 from fused_rlvr import _torch_backend, _triton_backend
 from fused_rlvr._kernels import triton_available
 from fused_rlvr._partials import finalize
-from fused_rlvr._validation import check_linear_inputs, check_lora, check_temperature, positive_finite
+from fused_rlvr._validation import (
+    check_linear_inputs,
+    check_lora,
+    check_target_range,
+    check_temperature,
+    check_token_temperature,
+    positive_finite,
+    tracing,
+)
 from fused_rlvr.lora import LoRA
 from fused_rlvr.types import IGNORE_INDEX, TokenStats
 from fused_rlvr.vocab_parallel import VocabParallel, VocabShard, vocab_shard
@@ -98,7 +106,6 @@ def _autocast_off(fn):
     return wrapper
 
 
-@torch.compiler.disable  # opaque to torch.compile: kernel launches and loops over chunks run eagerly
 @_autocast_off
 def forward_stats(hidden, weight, bias, targets, params: LogprobParams) -> dict[str, torch.Tensor]:
     """Forward only: dict of fp32 per-token tensors shaped like targets (0 on ignored tokens).
@@ -161,7 +168,6 @@ class LinearLogprobFunction(torch.autograd.Function):
         return dh, dw, db, None, None, da, dlb
 
 
-@torch.compiler.disable
 @_autocast_off
 def backward_grads(
     hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy, params: LogprobParams, needs
@@ -210,6 +216,282 @@ def backward_grads(
     return dh, dw, db, da, dlb
 
 
+# torch.compile. The op is also registered as two torch.library custom ops, fused_rlvr::token_stats (forward)
+# and fused_rlvr::token_stats_backward, which torch.compile keeps as opaque nodes of its graph: their fake
+# implementations give shapes and dtypes, their real ones (forward_stats, backward_grads: chunk loops and
+# kernel launches, either backend) run eagerly inside the compiled code. Custom ops take tensors and
+# primitives only, so LogprobParams travels flattened (`_op_args`). Eager calls keep LinearLogprobFunction
+# (no dispatcher round trip); a vocabulary-parallel call runs eagerly under torch.compile (`_eagerly`).
+
+VOCAB_PARALLEL_EAGER = (
+    "vocab_parallel= runs eagerly under torch.compile (its collectives and cross-rank checks are not "
+    "traced): a graph break, an error with fullgraph=True; compile the code around the call instead"
+)
+
+
+def _eagerly(fn, *args, **kwargs):
+    """fn(*args, **kwargs) outside torch.compile's graph: a graph break (an error with fullgraph=True).
+
+    Only called while torch.compile traces, so torch._dynamo is loaded already."""
+    from torch._dynamo import graph_break
+
+    graph_break(msg=VOCAB_PARALLEL_EAGER)  # fullgraph=True stops here, with this message
+    return torch.compiler.disable(fn, reason=VOCAB_PARALLEL_EAGER)(*args, **kwargs)
+
+
+def _op_args(params: LogprobParams) -> tuple:
+    """params as the custom ops' (temperature, token_temperature, softcap, ignore_index, backend, interpret,
+    moments, lora_a, lora_b, lora_scale)."""
+    per_token = isinstance(params.temperature, torch.Tensor)
+    lora = params.lora
+    return (
+        1.0 if per_token else params.temperature,
+        params.temperature if per_token else None,
+        params.softcap,
+        params.ignore_index,
+        params.backend,
+        params.interpret,
+        params.moments,
+        None if lora is None else lora.a,
+        None if lora is None else lora.b,
+        1.0 if lora is None else lora.scale,
+    )
+
+
+def _params_of(
+    temperature,
+    token_temperature,
+    softcap,
+    ignore_index,
+    backend,
+    interpret,
+    moments,
+    lora_a,
+    lora_b,
+    lora_scale,
+) -> LogprobParams:
+    """The LogprobParams that `_op_args` flattened."""
+    lora = None if lora_a is None else LoRA(lora_a, lora_b, lora_scale)
+    temp = temperature if token_temperature is None else token_temperature
+    return LogprobParams(temp, softcap, ignore_index, backend, interpret, moments, lora=lora)
+
+
+_OUT = ("logprob", "entropy", "lse", "sum_p2", "sum_p2_logp")
+
+
+@torch.library.custom_op("fused_rlvr::token_stats", mutates_args=())
+def _token_stats_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    temperature: float,
+    token_temperature: Optional[torch.Tensor],
+    softcap: Optional[float],
+    ignore_index: int,
+    backend: str,
+    interpret: bool,
+    moments: bool,
+    lora_a: Optional[torch.Tensor],
+    lora_b: Optional[torch.Tensor],
+    lora_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`forward_stats` as a custom op: (logprob, entropy, lse, sum_p2, sum_p2_logp), the two moments empty
+    ([0]) unless asked. The value checks that `make_params` leaves out while torch.compile traces (target
+    range, per-token temperature) run here, on the real tensors."""
+    check_target_range(targets, weight.shape[0], ignore_index)
+    if token_temperature is not None:
+        check_token_temperature(token_temperature, targets, ignore_index)
+    params = _params_of(
+        temperature,
+        token_temperature,
+        softcap,
+        ignore_index,
+        backend,
+        interpret,
+        moments,
+        lora_a,
+        lora_b,
+        lora_scale,
+    )
+    stats = forward_stats(hidden, weight, bias, targets, params)
+    return tuple(stats[k] if k in stats else hidden.new_empty(0, dtype=torch.float32) for k in _OUT)
+
+
+@_token_stats_op.register_fake
+def _token_stats_fake(
+    hidden,
+    weight,
+    bias,
+    targets,
+    temperature,
+    token_temperature,
+    softcap,
+    ignore_index,
+    backend,
+    interpret,
+    moments,
+    lora_a,
+    lora_b,
+    lora_scale,
+):
+    per_token = [hidden.new_empty(targets.shape, dtype=torch.float32) for _ in range(3)]
+    moment_shape = targets.shape if moments else (0,)
+    return (*per_token, *(hidden.new_empty(moment_shape, dtype=torch.float32) for _ in range(2)))
+
+
+def _token_stats_setup(ctx, inputs, output):
+    hidden, weight, bias, targets, temperature, token_temperature, softcap, ignore_index, backend = inputs[:9]
+    interpret, _, lora_a, lora_b, lora_scale = inputs[9:]
+    _, entropy, lse, sum_p2, sum_p2_logp = output
+    ctx.save_for_backward(hidden, weight, bias, targets, token_temperature, lora_a, lora_b, lse, entropy)
+    ctx.options = (temperature, softcap, ignore_index, backend, interpret, lora_scale)
+    ctx.mark_non_differentiable(lse, sum_p2, sum_p2_logp)
+    ctx.set_materialize_grads(False)  # an unused entropy gets no gradient (and costs no backward work)
+
+
+def _token_stats_grads(ctx, grad_logprob, grad_entropy, *_):
+    hidden, weight, bias, targets, token_temperature, lora_a, lora_b, lse, entropy = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    adapter = lora_a is not None
+    needs = (need[0], need[1], bias is not None and need[2], adapter and need[11], adapter and need[12])
+    if (grad_logprob is None and grad_entropy is None) or not any(needs):
+        return (None,) * 14
+    temperature, softcap, ignore_index, backend, interpret, lora_scale = ctx.options
+    grads = torch.ops.fused_rlvr.token_stats_backward(
+        hidden,
+        weight,
+        bias,
+        targets,
+        lse,
+        entropy,
+        grad_logprob,
+        grad_entropy,
+        temperature,
+        token_temperature,
+        softcap,
+        ignore_index,
+        backend,
+        interpret,
+        lora_a,
+        lora_b,
+        lora_scale,
+        *needs,
+    )
+    dh, dw, db, da, dlb = (g if n else None for g, n in zip(grads, needs))
+    return (dh, dw, db) + (None,) * 8 + (da, dlb, None)
+
+
+_token_stats_op.register_autograd(_token_stats_grads, setup_context=_token_stats_setup)
+
+
+@torch.library.custom_op("fused_rlvr::token_stats_backward", mutates_args=())
+def _token_stats_backward_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logprob: Optional[torch.Tensor],
+    grad_entropy: Optional[torch.Tensor],
+    temperature: float,
+    token_temperature: Optional[torch.Tensor],
+    softcap: Optional[float],
+    ignore_index: int,
+    backend: str,
+    interpret: bool,
+    lora_a: Optional[torch.Tensor],
+    lora_b: Optional[torch.Tensor],
+    lora_scale: float,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    need_lora_a: bool,
+    need_lora_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`backward_grads` as a custom op: (d_hidden, d_weight, d_bias, d_lora_a, d_lora_b), each empty ([0])
+    where not needed, laid out as `_grad_layouts` says."""
+    params = _params_of(
+        temperature,
+        token_temperature,
+        softcap,
+        ignore_index,
+        backend,
+        interpret,
+        False,
+        lora_a,
+        lora_b,
+        lora_scale,
+    )
+    needs = (need_hidden, need_weight, need_bias, need_lora_a, need_lora_b)
+    grads = backward_grads(
+        hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy, params, needs
+    )
+    out = []
+    for g, like in zip(grads, _grad_layouts(hidden, weight, bias, lora_a, lora_b, needs, "meta")):
+        if g is None:
+            g = hidden.new_empty(0)
+        elif g.stride() != like.stride():  # only the zeros of a call without scored tokens can differ
+            g = torch.empty_strided(like.shape, like.stride(), dtype=g.dtype, device=g.device).copy_(g)
+        out.append(g)
+    return tuple(out)
+
+
+def _grad_layouts(hidden, weight, bias, lora_a, lora_b, needs, device=None) -> tuple[torch.Tensor, ...]:
+    """Empty tensors shaped as the backward op's outputs (on `device`, default the inputs'): d_hidden, d_bias
+    and d_lora_a contiguous, d_weight and d_lora_b as torch.empty_like(weight / lora_b) (the backends'
+    allocations); [0] where not needed."""
+
+    def contiguous(t):
+        return torch.empty(t.shape, dtype=t.dtype, device=device or t.device)
+
+    def like(t):
+        return torch.empty_like(t, device=device or t.device)
+
+    makers = (contiguous, like, contiguous, contiguous, like)
+    inputs = (hidden, weight, bias, lora_a, lora_b)
+    return tuple(
+        make(t) if need else hidden.new_empty(0, device=device or hidden.device)
+        for make, t, need in zip(makers, inputs, needs)
+    )
+
+
+@_token_stats_backward_op.register_fake
+def _token_stats_backward_fake(
+    hidden,
+    weight,
+    bias,
+    targets,
+    lse,
+    entropy,
+    grad_logprob,
+    grad_entropy,
+    temperature,
+    token_temperature,
+    softcap,
+    ignore_index,
+    backend,
+    interpret,
+    lora_a,
+    lora_b,
+    lora_scale,
+    need_hidden,
+    need_weight,
+    need_bias,
+    need_lora_a,
+    need_lora_b,
+):
+    needs = (need_hidden, need_weight, need_bias, need_lora_a, need_lora_b)
+    return _grad_layouts(hidden, weight, bias, lora_a, lora_b, needs)
+
+
+def _traced_token_stats(hidden, weight, bias, targets, params: LogprobParams) -> dict[str, torch.Tensor]:
+    """forward_stats's dict through the custom op, as torch.compile traces it (autograd included)."""
+    out = torch.ops.fused_rlvr.token_stats(hidden, weight, bias, targets, *_op_args(params))
+    return dict(zip(_OUT if params.moments else _OUT[:3], out))
+
+
 def make_params(
     hidden,
     weight,
@@ -253,6 +535,23 @@ def make_params(
 
     if vocab_parallel is None:
         return local_check()[0]
+    if tracing():
+        return _eagerly(
+            make_params,
+            hidden,
+            weight,
+            targets,
+            bias,
+            temperature,
+            softcap,
+            ignore_index,
+            backend,
+            moments,
+            vocab_parallel=vocab_parallel,
+            lora_a=lora_a,
+            lora_b=lora_b,
+            lora_scale=lora_scale,
+        )
     token_temperature = temperature if isinstance(temperature, torch.Tensor) and temperature.dim() else None
     params, shard = vocab_shard(
         vocab_parallel,
@@ -330,6 +629,12 @@ def linear_logprobs(
     Inside a `torch.autocast` region the op still computes in the inputs' own dtypes, forward and backward
     (cast hidden and weight to the autocast dtype first to score in it, as `fused_rlvr.integrations.hf` does).
     The target-range check costs a device sync: see `fused_rlvr.set_target_check` to skip it.
+
+    torch.compile (fullgraph=True included): the op is the custom op fused_rlvr::token_stats (and
+    fused_rlvr::token_stats_backward), opaque to the compiler, whose implementation runs this op's eager code;
+    values and gradients equal the eager call's. The target-range and per-token temperature checks then run
+    inside the op (same errors); pass temperature, softcap and lora_scale as Python numbers. A vocab_parallel
+    call runs eagerly: a graph break, an error with fullgraph=True.
     """
     params = make_params(
         hidden,
@@ -352,7 +657,12 @@ def linear_logprobs(
 def fused_token_stats(hidden, weight, bias, targets, params: LogprobParams):
     """(logprob, entropy, sum_p2, sum_p2_logp): through autograd when a parameter needs a gradient, else a
     bare forward that saves nothing. The moments are None unless params.moments (they carry no gradient).
-    A LoRA adapter's tensors come from params.lora."""
+    A LoRA adapter's tensors come from params.lora. While torch.compile traces: the custom op."""
+    if tracing():
+        if params.shard is not None:
+            return _eagerly(fused_token_stats, hidden, weight, bias, targets, params)
+        stats = _traced_token_stats(hidden, weight, bias, targets, params)
+        return stats["logprob"], stats["entropy"], stats.get("sum_p2"), stats.get("sum_p2_logp")
     lora = params.lora
     adapter = (None, None) if lora is None else (lora.a, lora.b)
     tracked = (hidden, weight) + (() if bias is None else (bias,)) + (() if lora is None else adapter)
@@ -402,4 +712,8 @@ def linear_entropy_moments(
         lora_b=lora_b,
         lora_scale=lora_scale,
     )
+    if tracing():
+        if params.shard is not None:
+            return _eagerly(forward_stats, hidden, weight, bias, targets, params)
+        return _traced_token_stats(hidden, weight, bias, targets, params)
     return forward_stats(hidden, weight, bias, targets, params)
