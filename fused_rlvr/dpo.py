@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fused_rlvr._validation import as_mask, check_tensor, non_negative, per_token
-from fused_rlvr.linear_logprobs import fused_token_stats, make_params
+from fused_rlvr.linear_logprobs import fused_token_stats, make_params, scored_targets
 from fused_rlvr.types import IGNORE_INDEX
 
 
@@ -60,7 +60,7 @@ def sequence_logprobs(
     """
     _check_hidden(hidden, targets)
     m = as_mask("mask", mask, targets.shape).to(hidden.device)
-    y = torch.where(m > 0, targets.long(), IGNORE_INDEX)  # int64: in uint8, -100 would read as id 156
+    y = scored_targets(targets, m)
     params = make_params(
         hidden,
         weight,

@@ -21,7 +21,7 @@ from fused_rlvr._validation import (
 )
 from fused_rlvr.advantages import SteerConfig, steer_weights
 from fused_rlvr.kernels.grpo_spec import GRPO_PARTS, IMPORTANCE, MAX_PARTS, MIN_PARTS, PART, POLICY_LOSSES
-from fused_rlvr.linear_logprobs import fused_token_stats, make_params
+from fused_rlvr.linear_logprobs import fused_token_stats, make_params, scored_targets
 from fused_rlvr.types import IGNORE_INDEX
 from fused_rlvr.vocab_parallel import VocabParallel
 
@@ -529,7 +529,7 @@ def linear_grpo_loss(
     inv_divisor = 1.0 / _divisor(agg, m, max_len, normalizer)
 
     # 1. fused per-token log-probs / entropy (masked tokens cost no vocabulary work)
-    y = torch.where(m > 0, targets, torch.full_like(targets, IGNORE_INDEX))
+    y = scored_targets(targets, m)
     moments = steer is not None and steer.mode == "exact"
     lp_params = make_params(
         hidden,

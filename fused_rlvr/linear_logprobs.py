@@ -492,6 +492,12 @@ def _traced_token_stats(hidden, weight, bias, targets, params: LogprobParams) ->
     return dict(zip(_OUT if params.moments else _OUT[:3], out))
 
 
+def scored_targets(targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The losses' targets for the op: int64 `targets` where `mask` > 0, IGNORE_INDEX elsewhere (in the
+    targets' own dtype -100 would not survive: uint8 reads it as id 156)."""
+    return torch.where(mask > 0, targets.long(), IGNORE_INDEX)
+
+
 def make_params(
     hidden,
     weight,

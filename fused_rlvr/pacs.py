@@ -9,7 +9,7 @@ import torch
 from fused_rlvr._kernels import kernel_module
 from fused_rlvr._validation import as_mask, check_tensor, non_negative, one_of, per_token, positive_finite
 from fused_rlvr.advantages import group_index
-from fused_rlvr.linear_logprobs import fused_token_stats, make_params
+from fused_rlvr.linear_logprobs import fused_token_stats, make_params, scored_targets
 from fused_rlvr.types import IGNORE_INDEX
 from fused_rlvr.vocab_parallel import VocabParallel
 
@@ -151,7 +151,7 @@ def linear_pacs_loss(
     one_of("baseline", baseline, BASELINES)
     m = as_mask("mask", mask, b_t)
     old = per_token("old_logprobs", old_logprobs, b_t, allow_none=False)
-    y = torch.where(m > 0, targets, torch.full_like(targets, IGNORE_INDEX))
+    y = scored_targets(targets, m)
     params = make_params(
         hidden,
         weight,

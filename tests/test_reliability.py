@@ -287,6 +287,47 @@ def test_ignore_index_outside_the_target_dtype(backend):
     assert (lp_wide != 0).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int8])
+@pytest.mark.parametrize("loss", ["grpo", "pacs"])
+def test_losses_mask_small_integer_targets_in_int64(loss, dtype, backend):
+    """A masked position of uint8 targets with V < 156 made the losses reject id 156 (-100 read as uint8);
+    any integer dtype gives the int64 targets' loss and gradient."""
+    from fused_rlvr import linear_grpo_loss, linear_pacs_loss
+
+    g = torch.Generator().manual_seed(0)
+    hid = torch.randn(2, 5, 8, generator=g)
+    w = torch.randn(100, 8, generator=g) * 0.3
+    y = torch.randint(0, 100, (2, 5), generator=g)
+    mask = torch.ones(2, 5)
+    mask[0, 3:] = 0
+    old = torch.randn(2, 5, generator=g) * 0.1 - 4.0
+
+    def run(targets):
+        h = hid.clone().requires_grad_()
+        if loss == "grpo":
+            out, _ = linear_grpo_loss(
+                h, w, targets, torch.tensor([1.0, -0.5]), mask, old_logprobs=old, backend=backend
+            )
+        else:
+            out, _ = linear_pacs_loss(
+                h,
+                w,
+                targets,
+                torch.tensor([1.0, 0.0]),
+                mask,
+                torch.tensor([0, 0]),
+                old_logprobs=old,
+                backend=backend,
+            )
+        out.backward()
+        return out.detach(), h.grad
+
+    want, want_grad = run(y)
+    got, got_grad = run(y.to(dtype))
+    assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
+
+
 @pytest.mark.parametrize(
     "dtype, vocab, bad", [(torch.uint8, 200, 250), (torch.int16, 100, 30000), (torch.int8, 50, -3)]
 )
