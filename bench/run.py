@@ -20,10 +20,11 @@ Sections (--sections):
            plain ppo and each of bench.ops.GRPO_VARIANTS (cispo, sapo, pg_weights, ratio-weighted KL) in the
            same run: torch, and the Triton kernel on GPU. The target section times the same variants through
            the whole fused loss (ops grpo_*).
-  paired   the variant ops' cost ratios (per-token / float temperature; fused LoRA / the same op without
-           the adapter, / the op on a merged W + s B A, / PEFT on materialised logits) at the target shape,
-           timed in interleaved rounds (every provider once per round, in rotated order) so that a load
-           change on a shared machine hits both sides of a ratio: median and p20/p80 of the per-round ratios.
+  paired   the variants' cost ratios (per-token / float temperature; fused LoRA / the same op without
+           the adapter, / the op on a merged W + s B A, / PEFT on materialised logits; each GRPO variant /
+           plain ppo, whole fused loss) at the target shape, timed in interleaved rounds (every contender
+           once per round, in rotated order) so that a load change on a shared machine hits both sides of a
+           ratio: median and p20/p80 of the per-round ratios.
 Rows go to results.csv (bench.harness format: ratios are derived from rows of the same run); `python -m
 bench.plot DIR` draws them. Timings are medians with p20/p80; on CPU compare ratios, not absolute times.
 """
@@ -222,31 +223,34 @@ class Bench:
                     self.summary["results"][f"{op}/{provider}"] = r
         self.summary["variants"] = variant_costs(self.summary["results"])
 
-    def paired(self, rounds: int):
-        model, n = GPU_TARGET if self.cuda else CPU_TARGET
+    def paired(self, rounds: int, model=None, n=None):
+        """The variants' cost ratios (PAIRED_RATIOS) at the device's target shape (or `model` / `n` tokens
+        when given): per group, every (op, provider) once per round in rotated order, forward + backward."""
+        default = GPU_TARGET if self.cuda else CPU_TARGET
+        model, n = model or default[0], n or default[1]
         shape = MODELS[model]
         out = self.summary.setdefault("paired", {})
-        for op in ("temperature", "lora"):
-            providers = OP_PROVIDERS[op]
-            prob = Problem(op, shape, n, self.dtype, self.device)
+        for group, contenders in PAIRED_GROUPS.items():
+            probs = {op: Problem(op, shape, n, self.dtype, self.device) for op, _ in contenders}
 
-            def full(provider, prob=prob):
-                return torch.autograd.grad(prob.step(provider), prob.grads(provider))
+            def full(contender, probs=probs):
+                op, provider = contender
+                return torch.autograd.grad(probs[op].step(provider), probs[op].grads(provider))
 
-            for provider in providers:  # warm-up (compilation, allocator)
-                full(provider)
-            times = {provider: [] for provider in providers}
+            for contender in contenders:  # warm-up (compilation, allocator)
+                full(contender)
+            times = {contender: [] for contender in contenders}
             for r in range(rounds):
-                order = providers[r % len(providers) :] + providers[: r % len(providers)]
-                for provider in order:
+                order = contenders[r % len(contenders) :] + contenders[: r % len(contenders)]
+                for contender in order:
                     if self.cuda:
-                        t = time_fn(lambda p=provider: full(p), "cuda", budget_ms=self.budget).median_ms
+                        t = time_fn(lambda c=contender: full(c), "cuda", budget_ms=self.budget).median_ms
                     else:
-                        t = time_fn(lambda p=provider: full(p), "cpu", warmup=0, rep=1).median_ms
-                    times[provider].append(t)
-            tag = f"N={prob.n_tokens},H={shape.hidden},V={shape.vocab}"
+                        t = time_fn(lambda c=contender: full(c), "cpu", warmup=0, rep=1).median_ms
+                    times[contender].append(t)
+            tag = f"N={next(iter(probs.values())).n_tokens},H={shape.hidden},V={shape.vocab}"
             for key, num, den in PAIRED_RATIOS:
-                if num not in times or den not in times or not key.startswith(op):
+                if num not in times or den not in times:
                     continue
                 ratios = sorted(a / b for a, b in zip(times[num], times[den]))
                 q = statistics.quantiles(ratios, n=5, method="inclusive") if len(ratios) > 1 else ratios * 4
@@ -257,8 +261,8 @@ class Bench:
                     ("ratio_p80", q[3]),
                 ):
                     self.rec.add(
-                        op,
-                        f"{num} / {den}",
+                        group,
+                        f"{'/'.join(num)} / {'/'.join(den)}",
                         "fwd+bwd",
                         metric,
                         value,
@@ -382,11 +386,25 @@ class Bench:
             json.dump(self.summary, f, indent=1)
 
 
-PAIRED_RATIOS = (  # (name, numerator provider, denominator provider); the name starts with the op
-    ("temperature: per-token / float", "fused-rlvr-token-temperature", "fused-rlvr"),
-    ("lora: fused / same op without adapter", "fused-rlvr", "fused-rlvr-no-adapter"),
-    ("lora: fused / op on merged W + s B A", "fused-rlvr", "fused-rlvr-merged-weight"),
-    ("lora: fused / torch (PEFT, materialised)", "fused-rlvr", "torch"),
+# Groups timed in interleaved rounds by the paired section: (op, provider) pairs of bench.ops.
+PAIRED_GROUPS = {
+    "temperature": [("temperature", p) for p in OP_PROVIDERS["temperature"]],
+    "lora": [("lora", p) for p in OP_PROVIDERS["lora"]],
+    "grpo": [(op, "fused-rlvr") for op in ("grpo", *GRPO_VARIANTS)],
+}
+PAIRED_RATIOS = (  # (name, numerator (op, provider), denominator (op, provider))
+    (
+        "temperature: per-token / float",
+        ("temperature", "fused-rlvr-token-temperature"),
+        ("temperature", "fused-rlvr"),
+    ),
+    ("lora: fused / same op without adapter", ("lora", "fused-rlvr"), ("lora", "fused-rlvr-no-adapter")),
+    ("lora: fused / op on merged W + s B A", ("lora", "fused-rlvr"), ("lora", "fused-rlvr-merged-weight")),
+    ("lora: fused / torch (PEFT, materialised)", ("lora", "fused-rlvr"), ("lora", "torch")),
+    *(
+        (f"grpo: {variant[5:]} / ppo (whole fused loss)", (variant, "fused-rlvr"), ("grpo", "fused-rlvr"))
+        for variant in GRPO_VARIANTS
+    ),
 )
 
 
@@ -427,8 +445,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="rounds of the paired section")
     ap.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and grid points")
-    ap.add_argument("--target-model", default=None, choices=sorted(MODELS), help="target section: this model")
-    ap.add_argument("--target-tokens", type=int, default=None, help="target section: this many tokens")
+    ap.add_argument(
+        "--target-model", default=None, choices=sorted(MODELS), help="target / paired sections: this model"
+    )
+    ap.add_argument("--target-tokens", type=int, default=None, help="target / paired: this many tokens")
     ap.add_argument("--no-memory", action="store_true", help="target section: timings only")
     args = ap.parse_args(argv)
     out = args.out or os.environ.get("OUT") or f"bench/results/{args.device}"
@@ -439,7 +459,7 @@ def main(argv=None) -> int:
         b.target(args.ops, args.target_model, args.target_tokens, mem=not args.no_memory)
         b.write()
     if "paired" in args.sections:
-        b.guarded("paired", b.paired, args.rounds)
+        b.guarded("paired", b.paired, args.rounds, args.target_model, args.target_tokens)
     if "scaling" in args.sections:
         b.scaling()
     if "epilogue" in args.sections:
