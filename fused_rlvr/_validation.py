@@ -88,6 +88,14 @@ def check_plain(name: str, value) -> None:
         )
 
 
+def integer_targets(targets: torch.Tensor) -> torch.Tensor:
+    """Raise unless `targets` is a tensor of an integer dtype (not bool); returns it."""
+    check_tensor("targets", targets)
+    if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
+        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    return targets
+
+
 def check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend, *, check_targets=True) -> None:
     """Shapes, dtypes and devices; with check_targets (and the target check on) every target in [0, V).
 
@@ -128,8 +136,7 @@ def check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend, *,
                 f"bias must match weight's dtype and device ({weight.dtype}, {weight.device}), "
                 f"got ({bias.dtype}, {bias.device})"
             )
-    if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
-        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    integer_targets(targets)
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(
             f"targets must have the shape of hidden[..., 0] = {tuple(hidden.shape[:-1])}, "

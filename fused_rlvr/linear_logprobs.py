@@ -18,6 +18,7 @@ from fused_rlvr._validation import (
     check_target_range,
     check_temperature,
     check_token_temperature,
+    integer_targets,
     positive_finite,
     tracing,
 )
@@ -211,8 +212,10 @@ def backward_grads(
         dh = dh.view(hidden.shape)
     if db is not None:
         db = db.to(bias.dtype)
-    if da is not None and shard is not None:
-        da = shard.all_reduce_replicated_grad(da)
+    if da is not None:  # fp32 until the shards' parts are summed
+        if shard is not None:
+            da = shard.all_reduce_replicated_grad(da)
+        da = da.to(params.lora.a.dtype)
     return dh, dw, db, da, dlb
 
 
@@ -495,7 +498,7 @@ def _traced_token_stats(hidden, weight, bias, targets, params: LogprobParams) ->
 def scored_targets(targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The losses' targets for the op: int64 `targets` where `mask` > 0, IGNORE_INDEX elsewhere (in the
     targets' own dtype -100 would not survive: uint8 reads it as id 156)."""
-    return torch.where(mask > 0, targets.long(), IGNORE_INDEX)
+    return torch.where(mask > 0, integer_targets(targets).long(), IGNORE_INDEX)
 
 
 def make_params(

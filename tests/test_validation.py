@@ -379,3 +379,22 @@ def test_steer_weights_errors(name, override, exc, pattern):
     kw.update(override)
     with pytest.raises(exc, match=pattern):
         fused_rlvr.steer_weights(**kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+def test_losses_refuse_targets_that_are_not_integers(dtype):
+    """The losses convert targets to int64 for the op: a float or bool tensor is refused first, not truncated."""
+    from fused_rlvr import linear_grpo_loss, linear_pacs_loss
+    from fused_rlvr.dpo import sequence_logprobs
+
+    h, w = torch.randn(2, 3, 4), torch.randn(5, 4)
+    y = torch.tensor([[1.7, 2.2, 0.9], [1.0, 0.0, 1.0]]).to(dtype)
+    m = torch.ones(2, 3)
+    with pytest.raises(TypeError, match="targets must be an integer tensor"):
+        linear_grpo_loss(h, w, y, torch.ones(2), m)
+    with pytest.raises(TypeError, match="targets must be an integer tensor"):
+        linear_pacs_loss(
+            h, w, y, torch.ones(2), m, torch.zeros(2, dtype=torch.long), old_logprobs=torch.zeros(2, 3)
+        )
+    with pytest.raises(TypeError, match="targets must be an integer tensor"):
+        sequence_logprobs(h, w, y, m)
