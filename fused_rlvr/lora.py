@@ -44,8 +44,8 @@ class LoRA:
     def input_grads(
         self, g: torch.Tensor, hidden: torch.Tensor, dh: Optional[torch.Tensor], need_a: bool
     ) -> Optional[torch.Tensor]:
-        """From g = d(hA) [N, r] fp32: d_hidden += scale g A (in place, fp32) and dA = scale g^T h (in a's
-        dtype, or None without need_a)."""
+        """From g = d(hA) [N, r] fp32: d_hidden += scale g A (in place, fp32) and dA = scale g^T h (fp32: the
+        caller sums it over vocabulary shards, then casts it to a's dtype; None without need_a)."""
         if dh is not None:
             dh.addmm_(g, self.a.float(), alpha=self.scale)
         if not need_a:
@@ -54,4 +54,4 @@ class LoRA:
         for r0 in range(0, hidden.shape[0], _ROW_BLOCK):
             r1 = min(hidden.shape[0], r0 + _ROW_BLOCK)
             da.addmm_(g[r0:r1].T, hidden[r0:r1].float())
-        return da.mul_(self.scale).to(self.a.dtype)
+        return da.mul_(self.scale)
