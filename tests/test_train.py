@@ -316,6 +316,8 @@ def test_config_errors_name_the_field_and_range(tmp_path):
         config_from_args(["--policy-loss", "vespo"])
     with pytest.raises(ValueError, match="'policy_loss' apply to algorithm='grpo' only"):
         make_config("tiny", {"algorithm": "pacs", "policy_loss": "cispo"})
+    with pytest.raises(ValueError, match="'dual_clip' applies to policy_loss='ppo' only"):
+        make_config("tiny", {"policy_loss": "sapo", "dual_clip": 3.0})
     with pytest.raises(ValueError, match="'cispo_cap' must be > 0.0"):
         make_config("tiny", {"policy_loss": "cispo", "cispo_cap": 0.0})
     cfg = config_from_args(["--preset", "tiny", "--policy-loss", "sapo", "--sapo-tau-neg", "1.2"])

@@ -256,6 +256,11 @@ class TrainConfig:
                 "config fields 'steer', 'beta', 'entropy_coef' and 'policy_loss' apply to "
                 "algorithm='grpo' only; PACS has its own loss"
             )
+        if self.policy_loss != "ppo" and self.dual_clip is not None:
+            raise ConfigError(
+                "config field 'dual_clip' applies to policy_loss='ppo' only, "
+                f"got policy_loss={self.policy_loss!r}"
+            )
         if self.algorithm == "pacs" and (self.rank_shaping or self.guidance == "dpo"):
             raise ConfigError(
                 "config fields 'rank_shaping' and guidance='dpo' apply to algorithm='grpo' only; "
