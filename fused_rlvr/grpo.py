@@ -223,10 +223,8 @@ def grpo_token_loss_torch(
         total = total - params.entropy_coef * ent_
     if params.seq_mean:
         row_w = inv_divisor / n_i.clamp_min(1)
-    elif isinstance(inv_divisor, torch.Tensor):  # a token count under torch.compile (`_divisor`)
-        row_w = inv_divisor.expand_as(n_i)
-    else:
-        row_w = torch.full_like(n_i, inv_divisor)
+    else:  # inv_divisor: a float, or a 0-dim tensor (a token count under torch.compile, `_divisor`)
+        row_w = torch.as_tensor(inv_divisor, dtype=n_i.dtype, device=n_i.device).expand_as(n_i)
     w = mask * row_w[:, None]
     loss = (w * total).sum()
     with torch.no_grad():

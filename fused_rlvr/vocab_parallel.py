@@ -126,10 +126,14 @@ def _as_group(process_group):
 _ERR, _START, _SIZE, _N, _H, _VALID, _SUM, _LO, _HI, _CFG, _GRAD, _VALUES, _REPLICATED = range(13)
 
 
+def _mix(n: int, device) -> torch.Tensor:
+    """Position weights 1..8191 (int64) that make a weighted sum an order-sensitive checksum."""
+    return torch.arange(n, device=device) % 8191 + 1
+
+
 def _checksum_bits(values: torch.Tensor) -> torch.Tensor:
     """An order-sensitive float64 checksum of a 1-D tensor, as the int64 of its bits (exact comparison)."""
-    mix = (torch.arange(values.numel(), device=values.device) % 8191 + 1).double()
-    return (values.double() * mix).sum().view(torch.int64)
+    return (values.double() * _mix(values.numel(), values.device).double()).sum().view(torch.int64)
 
 
 def _local_meta(
@@ -148,9 +152,8 @@ def _local_meta(
     t = targets.reshape(-1).long()
     valid = t != ignore_index
     if t.numel():
-        mix = torch.arange(t.numel(), device=device) % 8191 + 1  # order-sensitive checksum of the targets
         tail[_VALID - _VALID] = valid.sum()
-        tail[_SUM - _VALID] = (torch.where(valid, t, -7) * mix).sum()
+        tail[_SUM - _VALID] = (torch.where(valid, t, -7) * _mix(t.numel(), device)).sum()
         tail[_LO - _VALID] = torch.where(valid, t, torch.iinfo(torch.int64).max).min()
         tail[_HI - _VALID] = torch.where(valid, t, -1).max()
     tail[_CFG - _VALID] = zlib.crc32(repr(config).encode())
