@@ -28,13 +28,13 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from fused_rlvr.integrations.hf import sequence_token_stats
 from fused_rlvr.leash import LeashReport, avg_at_n, default_ks, leash_report, pass_at_k, write_report
 from fused_rlvr.train.checkpoint import Checkpointer, CheckpointError
 from fused_rlvr.train.config import ConfigError, TrainConfig, load_config_file
 from fused_rlvr.train.files import atomic_write_text
 from fused_rlvr.train.models import load_causal_lm
 from fused_rlvr.train.rollout import RolloutBatch, format_prompt, generate
+from fused_rlvr.train.scoring import Scorer
 from fused_rlvr.train.tasks import Problem, Verifier, make_task
 
 
@@ -138,23 +138,10 @@ def token_entropies(
 ) -> list[torch.Tensor]:
     """Per-sample fused token entropies [len(response)] of the responses in `batch`, under their prompts."""
     device = next(model.parameters()).device
-    out = []
-    rows = torch.arange(len(batch))
-    for s in range(0, len(batch), micro_batch):
-        r = rows[s : s + micro_batch]
-        enc = batch.pack(r, pad_id, device)
-        st = sequence_token_stats(
-            model,
-            enc["input_ids"],
-            enc["attention_mask"],
-            enc["response_mask"],
-            temperature=temperature,
-            return_entropy=True,
-            backend=backend,
-        )
-        m = enc["response_mask"][:, 1:].bool()
-        out += [st.entropy[j][m[j]].float().cpu() for j in range(len(r))]
-    return out
+    scorer = Scorer(
+        model, pad_id=pad_id, device=device, micro_batch=micro_batch, temperature=temperature, backend=backend
+    )
+    return scorer.logprobs(batch, entropy=True)[1]
 
 
 def sample_model(
