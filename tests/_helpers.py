@@ -92,3 +92,11 @@ def check_cce_rule(
         assert worst <= 0, (
             f"{name}: exceeds the naive same-dtype error by {worst:.3e} (max|gt|={r.abs().max():.3e})"
         )
+
+
+def loss_and_grads(fn, *leaves):
+    """(detached fn(*leaves), the gradients of fresh leaf copies of `leaves`) for a scalar loss fn."""
+    leaves = [x.detach().clone().requires_grad_() for x in leaves]
+    loss = fn(*leaves)
+    loss.backward()
+    return loss.detach(), [x.grad for x in leaves]

@@ -3,7 +3,7 @@ values and gradients of hidden, W, bias, A and B, both backends."""
 
 import pytest
 import torch
-from _helpers import BACKENDS, check_cce_rule, check_fp32, rel_err
+from _helpers import BACKENDS, check_cce_rule, check_fp32, loss_and_grads, rel_err
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -407,16 +407,9 @@ def _loss_batch(seed=0, b=4, t=9, h=16, v=37, r=4):
     return hidden, weight, lora_a, lora_b, targets, mask, old, ref, adv
 
 
-def _loss_grads(fn, *leaves):
-    leaves = [x.detach().clone().requires_grad_() for x in leaves]
-    loss = fn(*leaves)
-    loss.backward()
-    return loss.detach(), [x.grad for x in leaves]
-
-
 def _compare_loss(ours, reference, leaves):
-    loss, grads = _loss_grads(ours, *leaves)
-    want, want_grads = _loss_grads(reference, *(x.double() for x in leaves))
+    loss, grads = loss_and_grads(ours, *leaves)
+    want, want_grads = loss_and_grads(reference, *(x.double() for x in leaves))
     assert abs(loss.item() - want.item()) <= 1e-5 * max(1.0, abs(want.item()))
     for got, w in zip(grads, want_grads):
         assert rel_err(got, w) < 1e-5

@@ -9,6 +9,7 @@ from _helpers import (
     check_fp32,
     fused,
     ground_truth,
+    loss_and_grads,
     make_inputs,
     naive,
     rel_err,
@@ -235,13 +236,6 @@ def _loss_batch(seed=0, b=4, t=9, h=16, v=37):
     return hidden, weight, bias, targets, mask, temp, old, ref, adv
 
 
-def _loss_grads(fn, *leaves):
-    leaves = [x.detach().clone().requires_grad_() for x in leaves]
-    loss = fn(*leaves)
-    loss.backward()
-    return loss.detach(), [x.grad for x in leaves]
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["function", "module"])
 def test_grpo_loss(backend, kind):
@@ -277,8 +271,8 @@ def test_grpo_loss(backend, kind):
         lp, ent = ref_token_stats(h, w, targets, mask, bias=b, softcap=5.0, temperature=temp.double())
         return ref_grpo_loss(lp, ent, adv.double(), mask, old.double(), ref.double(), **kw)
 
-    loss, grads = _loss_grads(ours, hidden, weight, bias)
-    want, want_grads = _loss_grads(reference, hidden.double(), weight.double(), bias.double())
+    loss, grads = loss_and_grads(ours, hidden, weight, bias)
+    want, want_grads = loss_and_grads(reference, hidden.double(), weight.double(), bias.double())
     assert abs(loss.item() - want.item()) <= 1e-5 * max(1.0, abs(want.item()))
     for got, w in zip(grads, want_grads):
         assert rel_err(got, w) < 1e-5
@@ -314,8 +308,8 @@ def test_pacs_loss(backend, kind):
         lp, _ = ref_token_stats(h, w, targets, mask, temperature=temp.double())
         return ref_pacs_loss(lp, old.double(), rewards, mask, groups, beta=1.5)
 
-    loss, grads = _loss_grads(ours, hidden, weight)
-    want, want_grads = _loss_grads(reference, hidden.double(), weight.double())
+    loss, grads = loss_and_grads(ours, hidden, weight)
+    want, want_grads = loss_and_grads(reference, hidden.double(), weight.double())
     assert abs(loss.item() - want.item()) <= 1e-5 * max(1.0, abs(want.item()))
     for got, w in zip(grads, want_grads):
         assert rel_err(got, w) < 1e-5
@@ -345,8 +339,8 @@ def test_dpo(backend):
         z = 0.3 * ((s[:2] - ref_seq[:2].double()) - (s[2:] - ref_seq[2:].double()))
         return -torch.nn.functional.logsigmoid(z).mean()
 
-    loss, grads = _loss_grads(ours, hidden, weight)
-    want_loss, want_grads = _loss_grads(reference, hidden.double(), weight.double())
+    loss, grads = loss_and_grads(ours, hidden, weight)
+    want_loss, want_grads = loss_and_grads(reference, hidden.double(), weight.double())
     assert abs(loss.item() - want_loss.item()) < 1e-6
     for got_g, want_g in zip(grads, want_grads):
         assert rel_err(got_g, want_g) < 1e-5
